@@ -1,0 +1,1 @@
+"""Quantization numerics, placement plan and QuantSim (the fake-quant PyTorch model)."""

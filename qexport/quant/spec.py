@@ -1,0 +1,143 @@
+"""Quantizer specifications and the ``--bits`` grammar (``w4a8``, ``w8a8``, ``w4``, ``w4a32``).
+
+Conventions (see numerics.md): weights symmetric per output channel with zero point 0, narrow range
+[-127, 127] at 8 bits and full range [-2^(b-1), 2^(b-1)-1] below; activations per tensor, zero point 0,
+unsigned [0, 2^b - 1] where the tensor is provably non-negative, else signed symmetric.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from qexport.errors import QexportError
+
+MIN_BITS, MAX_BITS = 1, 8
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """An integer grid ``q in [qmin, qmax]``, value = q * scale (zero point 0 in the recipe).
+
+    Args:
+        bits: bit width, 1..8 (1 = binary weights {-1, +1}, mirror descent).
+        signed: signed grid, else unsigned [0, 2^b - 1].
+        narrow: drop the most negative level (symmetric [-(2^(b-1)-1), 2^(b-1)-1]).
+    """
+
+    bits: int
+    signed: bool = True
+    narrow: bool = False
+
+    def __post_init__(self) -> None:
+        if not MIN_BITS <= self.bits <= MAX_BITS:
+            raise QexportError(f"quantizer bits must be in {MIN_BITS}..{MAX_BITS}, got {self.bits}")
+
+    @property
+    def qmin(self) -> int:
+        if not self.signed:
+            return 0
+        if self.bits == 1:
+            return -1
+        return -(2 ** (self.bits - 1)) + (1 if self.narrow else 0)
+
+    @property
+    def qmax(self) -> int:
+        if self.bits == 1 and self.signed:
+            return 1
+        return 2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits - 1
+
+    @property
+    def levels(self) -> int:
+        return self.qmax - self.qmin + 1
+
+    def to_dict(self) -> dict:
+        return {"bits": self.bits, "signed": self.signed, "narrow": self.narrow}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantSpec":
+        return cls(bits=int(d["bits"]), signed=bool(d["signed"]), narrow=bool(d.get("narrow", False)))
+
+
+def weight_spec(bits: int) -> QuantSpec:
+    """The weight grid for ``bits``: narrow at 8 bits, full range below (numerics.md).
+
+    Args:
+        bits: weight bit width.
+
+    Returns:
+        The QuantSpec for per-channel symmetric weights.
+    """
+    return QuantSpec(bits=bits, signed=True, narrow=(bits == 8))
+
+
+def activation_spec(bits: int, non_negative: bool) -> QuantSpec:
+    """The activation grid: unsigned for provably non-negative tensors, else signed symmetric (narrow).
+
+    Args:
+        bits: activation bit width.
+        non_negative: the tensor is provably >= 0 (after ReLU).
+
+    Returns:
+        The QuantSpec for a per-tensor activation quantizer.
+    """
+    if non_negative:
+        return QuantSpec(bits=bits, signed=False)
+    return QuantSpec(bits=bits, signed=True, narrow=True)
+
+
+_BITS_RE = re.compile(r"^w(\d+)(?:a(\d+))?$")
+
+
+@dataclass(frozen=True)
+class BitsConfig:
+    """Bit widths of a run: ``weight_bits`` for every quantized layer, ``act_bits`` (None = float).
+
+    Args:
+        weight_bits: weight bits (1..8).
+        act_bits: activation bits (2..8), or None for weights-only quantization.
+        first_last_bits: keep the first and last quantized layer (weights and input) at this width.
+    """
+
+    weight_bits: int
+    act_bits: int | None
+    first_last_bits: int | None = None
+
+    def __post_init__(self) -> None:
+        if not MIN_BITS <= self.weight_bits <= MAX_BITS:
+            raise QexportError(f"weight bits must be in 1..8, got {self.weight_bits} (use e.g. --bits w4a8)")
+        if self.act_bits is not None and not 2 <= self.act_bits <= MAX_BITS:
+            raise QexportError(f"activation bits must be in 2..8 (or 32 for float), got {self.act_bits}")
+        if self.first_last_bits is not None and not 2 <= self.first_last_bits <= MAX_BITS:
+            raise QexportError(f"--first-last-bits must be in 2..8, got {self.first_last_bits}")
+
+    @classmethod
+    def parse(cls, text: str, first_last_bits: int | None = None) -> "BitsConfig":
+        """Parse ``wNaM`` (``a32`` or no ``a`` part = float activations).
+
+        Args:
+            text: e.g. ``w8a8``, ``w4a4``, ``w4``, ``w4a32``.
+            first_last_bits: optional width for the first and last layer.
+
+        Returns:
+            The BitsConfig.
+        """
+        m = _BITS_RE.match(text.strip().lower())
+        if not m:
+            raise QexportError(f"--bits {text!r} does not parse; use wNaM such as w8a8, w4a8, w4a4 or w4 (weights only)")
+        w = int(m.group(1))
+        a = int(m.group(2)) if m.group(2) is not None else None
+        if a == 32:
+            a = None
+        return cls(weight_bits=w, act_bits=a, first_last_bits=first_last_bits)
+
+    @property
+    def label(self) -> str:
+        return f"w{self.weight_bits}a{self.act_bits if self.act_bits else 32}"
+
+    def to_dict(self) -> dict:
+        return {"weight_bits": self.weight_bits, "act_bits": self.act_bits, "first_last_bits": self.first_last_bits}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BitsConfig":
+        return cls(int(d["weight_bits"]), d.get("act_bits"), d.get("first_last_bits"))
