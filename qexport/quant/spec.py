@@ -72,7 +72,10 @@ def weight_spec(bits: int) -> QuantSpec:
 
 
 def activation_spec(bits: int, non_negative: bool) -> QuantSpec:
-    """The activation grid: unsigned for provably non-negative tensors, else signed symmetric (narrow).
+    """The activation grid: unsigned for provably non-negative tensors, else signed [-2^(b-1), 2^(b-1)-1].
+
+    The signed grid keeps the full range: int8 in TensorRT and uint8 with zero point 128 in ONNX Runtime both
+    hold [-128, 127] exactly, so no Clip is needed at 8 bits.
 
     Args:
         bits: activation bit width.
@@ -83,7 +86,7 @@ def activation_spec(bits: int, non_negative: bool) -> QuantSpec:
     """
     if non_negative:
         return QuantSpec(bits=bits, signed=False)
-    return QuantSpec(bits=bits, signed=True, narrow=True)
+    return QuantSpec(bits=bits, signed=True, narrow=False)
 
 
 _BITS_RE = re.compile(r"^w(\d+)(?:a(\d+))?$")

@@ -1,0 +1,253 @@
+"""What every calibrator receives, and the range statistics and scale searches they share."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from qexport.errors import QexportError
+from qexport.progress import progress_bar
+from qexport.quant.fake_quant import channel_view, fake_quant
+from qexport.quant.quantsim import QuantSim
+
+
+@dataclass
+class CalibrationContext:
+    """Inputs of a calibrator.
+
+    Attributes:
+        sim: the QuantSim to calibrate in place (weights float, scales 1 at the start).
+        folded: the BN-folded float model (the teacher / float path).
+        model: the loaded float model (unfolded, with BN layers) and its metadata.
+        data: calibration images (N, C, H, W), or None for data-free methods.
+        labels: their labels (-1 when unlabeled), or None.
+        seed: the run's seed.
+        device: torch device for heavy work.
+        quiet: no progress bars.
+        artifact_dir: the recipe folder being written (temporary until the run succeeds): extra artifacts go here.
+        work_dir: a persistent folder for checkpoints that survive an interrupted run (resume).
+        resume: continue from the checkpoint in work_dir.
+    """
+
+    sim: QuantSim
+    folded: torch.nn.Module
+    model: object
+    data: torch.Tensor | None
+    labels: torch.Tensor | None
+    seed: int = 0
+    device: str = "cpu"
+    quiet: bool = False
+    artifact_dir: Path | None = None
+    work_dir: Path | None = None
+    resume: bool = False
+    extras: dict = field(default_factory=dict)
+
+
+def config_from_options(config_cls: type, options: dict, method: str):
+    """Build a method's frozen config from CLI options, rejecting options the method does not take.
+
+    Args:
+        config_cls: the dataclass.
+        options: name -> value (None values are ignored: not given).
+        method: method name for messages.
+
+    Returns:
+        The config instance.
+    """
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    given = {k: v for k, v in options.items() if v is not None}
+    bad = sorted(k for k in given if k not in names)
+    if bad:
+        flags = ", ".join("--" + k.replace("_", "-") for k in bad)
+        raise QexportError(f"{flags} does not apply to --method {method}; see `qexport calibrate --help`")
+    return config_cls(**given)
+
+
+class RangeObserver:
+    """Collects exact min/max and a bounded random sample of a tensor's values (for percentile/MSE searches).
+
+    Args:
+        max_samples: size of the kept sample.
+        generator: seeded generator for the subsampling.
+    """
+
+    def __init__(self, max_samples: int, generator: torch.Generator):
+        self.max_samples, self.gen = max_samples, generator
+        self.min, self.max = float("inf"), float("-inf")
+        self.samples: list[torch.Tensor] = []
+        self.count = 0
+
+    def __call__(self, x: torch.Tensor) -> None:
+        x = x.detach().float().flatten()
+        self.min = min(self.min, float(x.min()))
+        self.max = max(self.max, float(x.max()))
+        per_call = max(self.max_samples // 16, 4096)
+        if x.numel() > per_call:
+            idx = torch.randint(0, x.numel(), (per_call,), generator=self.gen)
+            x = x[idx]
+        self.samples.append(x.cpu())
+        self.count += x.numel()
+        if self.count > 2 * self.max_samples:  # keep memory bounded: thin the pool
+            pool = torch.cat(self.samples)
+            keep = torch.randperm(pool.numel(), generator=self.gen)[: self.max_samples]
+            self.samples, self.count = [pool[keep]], self.max_samples
+
+    def values(self) -> torch.Tensor:
+        return torch.cat(self.samples) if self.samples else torch.zeros(1)
+
+
+@contextlib.contextmanager
+def observing(sim: QuantSim, max_samples: int = 1 << 18, seed: int = 0) -> Iterator[dict[str, RangeObserver]]:
+    """Attach a RangeObserver to every activation quantizer (quantization left as it is).
+
+    Args:
+        sim: the QuantSim.
+        max_samples: sample pool size per point.
+        seed: subsampling seed.
+
+    Returns:
+        A context manager yielding point name -> observer.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    obs = {name: RangeObserver(max_samples, gen) for name in sim.act_quantizers()}
+    for name, aq in sim.act_quantizers().items():
+        aq.observer = obs[name]
+    try:
+        yield obs
+    finally:
+        for aq in sim.act_quantizers().values():
+            aq.observer = None
+
+
+def run_batches(model: torch.nn.Module, data: torch.Tensor, batch_size: int, description: str,
+                quiet: bool, device: str = "cpu") -> None:
+    """Run ``model`` over ``data`` in batches without gradients, with a progress bar.
+
+    Args:
+        model: any module.
+        data: inputs (N, ...).
+        batch_size: batch size.
+        description: progress bar label.
+        quiet: hide the bar.
+        device: where to run.
+    """
+    n = data.shape[0]
+    with torch.no_grad(), progress_bar((n + batch_size - 1) // batch_size, description, quiet) as bar:
+        for i in range(0, n, batch_size):
+            model(data[i : i + batch_size].to(device))
+            bar.advance(1)
+
+
+def weight_absmax_scale(w: torch.Tensor, qmax: int) -> torch.Tensor:
+    """Per-output-channel min-max scale ``max|w| / qmax`` (never zero)."""
+    amax = w.detach().abs().flatten(1).amax(dim=1)
+    return torch.clamp(amax, min=1e-8) / qmax
+
+
+def weight_mse_scale(w: torch.Tensor, qmin: int, qmax: int, grid: int = 100, lo: float = 0.2) -> torch.Tensor:
+    """Per-output-channel scale minimising the squared weight quantization error over clip ratios.
+
+    Args:
+        w: weight (out, ...).
+        qmin: lowest level.
+        qmax: highest level.
+        grid: number of clip ratios tried in [lo, 1].
+        lo: smallest clip ratio.
+
+    Returns:
+        Per-channel scales.
+    """
+    w = w.detach().flatten(1)
+    base = weight_absmax_scale(w, qmax)
+    best_err = torch.full_like(base, float("inf"))
+    best = base.clone()
+    for r in torch.linspace(lo, 1.0, grid):
+        s = base * r
+        err = (fake_quant(w, channel_view(s, 2), qmin, qmax) - w).pow(2).sum(dim=1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, s, best)
+    return best
+
+
+def act_scale_minmax(obs: RangeObserver, signed: bool, qmin: int, qmax: int) -> float:
+    """Per-tensor scale covering the observed range (symmetric for signed grids)."""
+    amax = max(abs(obs.min), abs(obs.max)) if signed else max(obs.max, 0.0)
+    return max(amax / qmax, 1e-8)
+
+
+def act_scale_percentile(obs: RangeObserver, signed: bool, qmin: int, qmax: int, pct: float) -> float:
+    """Scale that clips at the ``pct`` percentile of |x| (signed) or x (unsigned)."""
+    v = obs.values()
+    v = v.abs() if signed else v.clamp(min=0)
+    amax = float(torch.quantile(v[: 1 << 24], pct / 100.0)) if v.numel() else 0.0
+    amax = amax if amax > 0 else max(abs(obs.min), abs(obs.max), 1e-8)
+    return max(amax / qmax, 1e-8)
+
+
+def act_scale_mse(obs: RangeObserver, signed: bool, qmin: int, qmax: int, grid: int = 100) -> float:
+    """Scale minimising the squared quantization error of the sampled values over clip ratios."""
+    v = obs.values()
+    base = act_scale_minmax(obs, signed, qmin, qmax)
+    best, best_err = base, float("inf")
+    for r in torch.linspace(0.1, 1.0, grid):
+        s = torch.tensor(base * float(r))
+        err = float((fake_quant(v, s, qmin, qmax) - v).pow(2).mean())
+        if err < best_err:
+            best, best_err = float(s), err
+    return max(best, 1e-8)
+
+
+def set_weight_scales(sim: QuantSim, mode: str = "mse") -> None:
+    """Set every layer's per-channel weight scale by ``minmax`` or ``mse``.
+
+    Args:
+        sim: the QuantSim.
+        mode: ``minmax`` or ``mse``.
+    """
+    for layer in sim.layers().values():
+        spec = layer.weight_quantizer.spec
+        if mode == "mse":
+            s = weight_mse_scale(layer.weight, spec.qmin, spec.qmax)
+        else:
+            s = weight_absmax_scale(layer.weight, spec.qmax)
+        with torch.no_grad():
+            layer.weight_quantizer.scale.copy_(s)
+
+
+def calibrate_activations(sim: QuantSim, data: torch.Tensor, mode: str, *, batch_size: int = 64,
+                          percentile: float = 99.99, quiet: bool = False, seed: int = 0, device: str = "cpu") -> None:
+    """Observe activation ranges on ``data`` (float path) and set per-tensor scales.
+
+    Args:
+        sim: the QuantSim; its activation quantizers are disabled while observing.
+        data: calibration inputs.
+        mode: ``minmax``, ``percentile`` or ``mse``.
+        batch_size: batch size.
+        percentile: the percentile for ``percentile`` mode.
+        quiet: hide the progress bar.
+        seed: subsampling seed.
+        device: where to run.
+    """
+    if not sim.act_quantizers():
+        return
+    with observing(sim, seed=seed) as obs, sim.quant_disabled(weights=False, acts=True):
+        run_batches(sim, data, batch_size, "observing activation ranges", quiet, device)
+    for name, aq in sim.act_quantizers().items():
+        sp = aq.spec
+        if mode == "minmax":
+            s = act_scale_minmax(obs[name], sp.signed, sp.qmin, sp.qmax)
+        elif mode == "percentile":
+            s = act_scale_percentile(obs[name], sp.signed, sp.qmin, sp.qmax, percentile)
+        elif mode == "mse":
+            s = act_scale_mse(obs[name], sp.signed, sp.qmin, sp.qmax)
+        else:
+            raise QexportError(f"unknown activation range mode {mode!r}")
+        with torch.no_grad():
+            aq.scale.fill_(s)
+    sim.apply_shared_scales()

@@ -1,0 +1,89 @@
+"""Baseline calibrators: ``minmax``, ``percentile`` and ``mse``. The init and yardstick of every method."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from qexport.calibrators import register_calibrator
+from qexport.calibrators.base import CalibrationContext, calibrate_activations, set_weight_scales
+from qexport.errors import QexportError
+
+
+@dataclass(frozen=True)
+class MinMaxConfig:
+    """Options of ``minmax``: weights at max|w| per channel, activations at the observed range."""
+
+    batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class PercentileConfig:
+    """Options of ``percentile``: weights min-max, activations clipped at a percentile of |x|."""
+
+    percentile: float = 99.99
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if not 50.0 < self.percentile <= 100.0:
+            raise QexportError(f"--percentile must be in (50, 100], got {self.percentile}")
+
+
+@dataclass(frozen=True)
+class MSEConfig:
+    """Options of ``mse``: weight and activation clipping that minimises the quantization MSE."""
+
+    batch_size: int = 64
+
+
+def _finish(ctx: CalibrationContext, weights: str, acts: str, cfg, **kw) -> dict:
+    set_weight_scales(ctx.sim, weights)
+    if ctx.data is not None:
+        calibrate_activations(ctx.sim, ctx.data, acts, batch_size=cfg.batch_size, quiet=ctx.quiet,
+                              seed=ctx.seed, device=ctx.device, **kw)
+    ctx.sim.snap_weights()
+    return {"weights": weights, "activations": acts if ctx.sim.act_quantizers() else "float"}
+
+
+@register_calibrator("minmax", config=MinMaxConfig, needs_data=True,
+                     summary="min-max ranges: weights per channel, activations per tensor (baseline)")
+def calibrate_minmax(ctx: CalibrationContext, cfg: MinMaxConfig) -> dict:
+    """Min-max calibration.
+
+    Args:
+        ctx: calibration context (needs data when activations are quantized).
+        cfg: options.
+
+    Returns:
+        Metrics for the recipe.
+    """
+    return _finish(ctx, "minmax", "minmax", cfg)
+
+
+@register_calibrator("percentile", config=PercentileConfig, needs_data=True,
+                     summary="activations clipped at a percentile of |x| (default 99.99), weights min-max")
+def calibrate_percentile(ctx: CalibrationContext, cfg: PercentileConfig) -> dict:
+    """Percentile calibration.
+
+    Args:
+        ctx: calibration context.
+        cfg: options.
+
+    Returns:
+        Metrics for the recipe.
+    """
+    return _finish(ctx, "minmax", "percentile", cfg, percentile=cfg.percentile)
+
+
+@register_calibrator("mse", config=MSEConfig, needs_data=True,
+                     summary="weight and activation clipping that minimises quantization MSE")
+def calibrate_mse(ctx: CalibrationContext, cfg: MSEConfig) -> dict:
+    """MSE calibration.
+
+    Args:
+        ctx: calibration context.
+        cfg: options.
+
+    Returns:
+        Metrics for the recipe.
+    """
+    return _finish(ctx, "mse", "mse", cfg)

@@ -1,0 +1,285 @@
+"""Recipe + target -> QDQ ONNX, and the FP32 ONNX of the same float model.
+
+QuantSim is traced in export mode: each quantizer becomes a ``qexport.*`` marker node naming its plan point.
+The markers are then replaced by the target's encoding of the recipe's integers (never re-quantized):
+
+| target       | activations                                   | weights            | bias                     |
+|--------------|-----------------------------------------------|--------------------|--------------------------|
+| onnxruntime  | uint8; zero point 128 (signed) or 0 (unsigned) | int8, per channel  | int32 DQ (x_scale*w_scale) |
+| tensorrt     | int8, zero point 0                            | int8, per channel  | float, on the int32 grid |
+| openvino     | as onnxruntime                                | int8, per channel  | as onnxruntime           |
+
+Below 8 bits an activation is an 8-bit Q/DQ pair with the low-bit scale, preceded by a Clip to the low-bit
+range, which reproduces the low-bit quantization exactly in an INT8 engine (architecture.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from qexport import __version__
+from qexport.errors import QexportError
+from qexport.export.markers import DOMAIN
+from qexport.fileio import atomic_file, check_output_free
+from qexport.quant.plan import TARGETS
+from qexport.quant.spec import QuantSpec
+from qexport.recipe import QuantRecipe
+
+DEFAULT_OPSET = 17
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+
+
+def _trace_to_onnx(module: torch.nn.Module, input_shape: tuple[int, ...], opset: int) -> onnx.ModelProto:
+    """Trace ``module`` with the TorchScript ONNX exporter, dynamic batch."""
+    buf = io.BytesIO()
+    dummy = torch.zeros((1, *input_shape))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(module, (dummy,), buf, dynamo=False, opset_version=opset,
+                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                              custom_opsets={DOMAIN: 1}, do_constant_folding=True)
+        except Exception as e:  # the exporter raises many types; the user needs one line
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise QexportError(f"the model could not be exported to ONNX: {first}") from None
+    return onnx.load_from_string(buf.getvalue())
+
+
+def act_encoding(spec: QuantSpec, target: str) -> tuple[int, int, tuple[int, int] | None]:
+    """ONNX encoding of an activation grid for a target.
+
+    Args:
+        spec: the activation grid (zero point 0 in the recipe).
+        target: the export target.
+
+    Returns:
+        (ONNX element type, zero point, clip range in integer levels or None when the 8-bit type suffices).
+    """
+    if target == "tensorrt":
+        if not spec.signed and spec.bits == 8:
+            raise QexportError("this recipe has unsigned 8-bit activations (an onnxruntime plan), which TensorRT's "
+                               "int8 cannot hold; recalibrate with --target tensorrt")
+        dtype, zp, lo, hi = TensorProto.INT8, 0, -128, 127
+    else:
+        dtype, zp = TensorProto.UINT8, (128 if spec.signed else 0)
+        lo, hi = -zp, 255 - zp
+    clip = None if (spec.qmin, spec.qmax) == (lo, hi) else (spec.qmin, spec.qmax)
+    return dtype, zp, clip
+
+
+class _GraphEditor:
+    """Rewrites marker nodes into Q/DQ nodes and integer initializers."""
+
+    def __init__(self, model: onnx.ModelProto, recipe: QuantRecipe, target: str):
+        self.model, self.recipe, self.target = model, recipe, target
+        self.graph = model.graph
+        self.new_inits: list[TensorProto] = []
+        self.inits = {t.name: t for t in self.graph.initializer}
+        self.layer_input = {lp.name: lp.input_point for lp in recipe.plan.layers}
+        self.plan_acts = {ap.name: ap for ap in recipe.plan.activations}
+
+    def _const(self, name: str, arr: np.ndarray) -> str:
+        self.new_inits.append(numpy_helper.from_array(arr, name))
+        return name
+
+    def _act(self, node: onnx.NodeProto, point: str) -> list[onnx.NodeProto]:
+        ap = self.plan_acts[point]
+        scale = np.float32(self.recipe.act_scales[point])
+        dtype, zp, clip = act_encoding(ap.spec, self.target)
+        zp_arr = np.array(zp, dtype=np.uint8 if dtype == TensorProto.UINT8 else np.int8)
+        s_name = self._const(f"{point}.act_scale", np.array(scale, dtype=np.float32))
+        z_name = self._const(f"{point}.act_zero_point", zp_arr)
+        src, out, nodes = node.input[0], node.output[0], []
+        if clip is not None:
+            lo = self._const(f"{point}.clip_min", np.array(np.float32(clip[0]) * scale, dtype=np.float32))
+            hi = self._const(f"{point}.clip_max", np.array(np.float32(clip[1]) * scale, dtype=np.float32))
+            nodes.append(helper.make_node("Clip", [src, lo, hi], [f"{point}.clipped"], name=f"{point}.Clip"))
+            src = f"{point}.clipped"
+        nodes.append(helper.make_node("QuantizeLinear", [src, s_name, z_name], [f"{point}.q"], name=f"{point}.Q"))
+        nodes.append(helper.make_node("DequantizeLinear", [f"{point}.q", s_name, z_name], [out], name=f"{point}.DQ"))
+        return nodes
+
+    def _weight(self, node: onnx.NodeProto, layer: str) -> list[onnx.NodeProto]:
+        q = self.recipe.int_weights[layer].numpy().astype(np.int8)
+        s = self.recipe.weight_scales[layer].numpy().astype(np.float32)
+        w = self._const(f"{layer}.weight_int8", q)
+        sc = self._const(f"{layer}.weight_scale", s)
+        zp = self._const(f"{layer}.weight_zero_point", np.zeros(s.shape, dtype=np.int8))
+        return [helper.make_node("DequantizeLinear", [w, sc, zp], [node.output[0]], name=f"{layer}.weight_DQ", axis=0)]
+
+    def _bias(self, node: onnx.NodeProto, layer: str) -> list[onnx.NodeProto]:
+        b = numpy_helper.to_array(self.inits[node.input[0]]).astype(np.float32)
+        point = self.layer_input.get(layer)
+        if point is None:  # weights-only: the input is float, so is the bias
+            self._const(node.output[0], b)
+            return []
+        bias_scale = np.float32(self.recipe.act_scales[point]) * self.recipe.weight_scales[layer].numpy().astype(np.float32)
+        q = np.clip(np.round(b / bias_scale), -(2**31), 2**31 - 1).astype(np.int64)
+        if self.target == "tensorrt":  # TensorRT takes a float bias; give it the int32-grid values QuantSim uses
+            self._const(node.output[0], (q.astype(np.float32) * bias_scale).astype(np.float32))
+            return []
+        qn = self._const(f"{layer}.bias_int32", q.astype(np.int32))
+        sn = self._const(f"{layer}.bias_scale", bias_scale.astype(np.float32))
+        zn = self._const(f"{layer}.bias_zero_point", np.zeros(bias_scale.shape, dtype=np.int32))
+        return [helper.make_node("DequantizeLinear", [qn, sn, zn], [node.output[0]], name=f"{layer}.bias_DQ", axis=0)]
+
+    def rewrite(self) -> onnx.ModelProto:
+        out_nodes, used_float = [], set()
+        for node in self.graph.node:
+            if node.domain != DOMAIN:
+                out_nodes.append(node)
+                continue
+            attr = {a.name: a.s.decode() for a in node.attribute}
+            if node.op_type == "ActQDQ":
+                out_nodes += self._act(node, attr["point"])
+            elif node.op_type == "WeightDQ":
+                used_float.add(node.input[0])
+                out_nodes += self._weight(node, attr["layer"])
+            elif node.op_type == "BiasDQ":
+                used_float.add(node.input[0])
+                out_nodes += self._bias(node, attr["layer"])
+            else:
+                raise QexportError(f"internal: unknown marker {node.op_type}")
+        kept = [t for t in self.graph.initializer if t.name not in used_float]
+        del self.graph.initializer[:]
+        self.graph.initializer.extend(kept + self.new_inits)
+        del self.graph.node[:]
+        self.graph.node.extend(out_nodes)
+        for imp in list(self.model.opset_import):
+            if imp.domain == DOMAIN:
+                self.model.opset_import.remove(imp)
+        return self.model
+
+
+def _finish(model: onnx.ModelProto, meta: dict[str, str]) -> onnx.ModelProto:
+    """Strip the exporter's ``gm.`` prefixes, attach metadata, infer shapes and validate."""
+    model.producer_name, model.producer_version = "qexport", __version__
+    for k, v in meta.items():
+        model.metadata_props.append(onnx.StringStringEntryProto(key=k, value=str(v)))
+    try:
+        model = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as e:  # onnx raises several types
+        raise QexportError(f"internal: the exported ONNX is invalid: {str(e).splitlines()[0]}") from None
+    return model
+
+
+def recipe_fingerprint(recipe_dir: str | Path) -> str:
+    """sha256 of a recipe's files, recorded in exported models so verify can match engine and recipe."""
+    h = hashlib.sha256()
+    for name in ("recipe.json", "tensors.safetensors"):
+        h.update((Path(recipe_dir) / name).read_bytes())
+    return h.hexdigest()
+
+
+def build_qdq_model(recipe: QuantRecipe, target: str, opset: int = DEFAULT_OPSET, meta: dict | None = None) -> onnx.ModelProto:
+    """The QDQ ONNX model of a recipe for a target (in memory).
+
+    Args:
+        recipe: the recipe.
+        target: ``onnxruntime``, ``tensorrt`` or ``openvino``.
+        opset: ONNX opset (>= 13).
+        meta: extra metadata_props.
+
+    Returns:
+        The validated ONNX model.
+    """
+    if target not in TARGETS:
+        raise QexportError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    if opset < 13:
+        raise QexportError(f"--opset {opset} is too old: per-channel Q/DQ needs opset 13 or newer")
+    for ap in recipe.plan.activations:  # fail before tracing when the target cannot hold a grid
+        act_encoding(ap.spec, target)
+    sim = recipe.build_quantsim()
+    with sim.export_mode(), torch.no_grad():
+        model = _trace_to_onnx(sim, recipe.model.input_shape, opset)
+    model = _GraphEditor(model, recipe, target).rewrite()
+    info = {"qexport.kind": "qdq", "qexport.target": target, "qexport.bits": recipe.plan.bits.label,
+            "qexport.model": recipe.model.spec, "qexport.method": recipe.provenance.get("method", "")}
+    if recipe.plan.float_layers:
+        info["qexport.float_layers"] = ",".join(recipe.plan.float_layers)
+    info.update(meta or {})
+    return _finish(model, info)
+
+
+def build_fp32_model(recipe: QuantRecipe, opset: int = DEFAULT_OPSET, meta: dict | None = None) -> onnx.ModelProto:
+    """The FP32 ONNX of the recipe's (BN-folded) float model: the accuracy and latency baseline.
+
+    Args:
+        recipe: the recipe.
+        opset: ONNX opset.
+        meta: extra metadata_props.
+
+    Returns:
+        The validated ONNX model.
+    """
+    with torch.no_grad():
+        model = _trace_to_onnx(recipe.build_float_model(), recipe.model.input_shape, opset)
+    return _finish(model, {"qexport.kind": "fp32", "qexport.model": recipe.model.spec, **(meta or {})})
+
+
+def fp32_path_for(qdq_path: str | Path) -> Path:
+    """Where the FP32 baseline of ``model.onnx`` goes: ``model.fp32.onnx`` beside it."""
+    p = Path(qdq_path)
+    return p.with_name(p.stem + ".fp32" + (p.suffix or ".onnx"))
+
+
+def save_onnx(model: onnx.ModelProto, path: str | Path, force: bool) -> Path:
+    """Write an ONNX file atomically.
+
+    Args:
+        model: the model.
+        path: destination.
+        force: replace an existing file.
+
+    Returns:
+        The path written.
+    """
+    with atomic_file(path, force=force) as tmp:
+        onnx.save(model, str(tmp))
+    return Path(path)
+
+
+def export_recipe(recipe_dir: str | Path, target: str, out: str | Path, *, force: bool = False,
+                  opset: int = DEFAULT_OPSET, check: bool = True) -> tuple[Path, Path, list]:
+    """Export a recipe folder for a target: the QDQ file and the FP32 baseline beside it.
+
+    Args:
+        recipe_dir: the recipe folder.
+        target: export target.
+        out: the QDQ ONNX path (the FP32 file is written as ``<stem>.fp32.onnx`` beside it).
+        force: overwrite existing files.
+        opset: ONNX opset.
+        check: run the target-rule checker first and refuse to write a file that breaks a rule.
+
+    Returns:
+        (QDQ path, FP32 path, list of checker violations found).
+    """
+    out = Path(out)
+    fp32_out = fp32_path_for(out)
+    check_output_free(out, force)
+    check_output_free(fp32_out, force)
+    recipe = QuantRecipe.load(recipe_dir)
+    meta = {"qexport.recipe_sha256": recipe_fingerprint(recipe_dir)}
+    qdq = build_qdq_model(recipe, target, opset, meta)
+    violations = []
+    if check:
+        from qexport.export.check import check_model
+
+        violations = check_model(qdq, target)
+        if violations:
+            raise QexportError(f"the exported model breaks {len(violations)} {target} rule(s), nothing written; "
+                               f"first: {violations[0]}")
+    fp32 = build_fp32_model(recipe, opset, meta)
+    save_onnx(qdq, out, force)
+    save_onnx(fp32, fp32_out, force)
+    return out, fp32_out, violations

@@ -1,0 +1,189 @@
+"""The placement plan: which tensors are quantized, with which grid, for one target.
+
+The plan is derived once from the BN-folded float graph and stored in the recipe; QuantSim and the
+exporter both read it, so they quantize exactly the same tensors (architecture.md, invariant 1).
+
+Placement (architecture.md): weights of every Conv2d/Linear per output channel; the input tensor of every
+quantized layer per tensor; for a residual Add, the input that does not come straight from a quantized layer.
+For ``onnxruntime`` at 8-bit activations the conv outputs feeding an Add are quantized too, so the runtime
+fuses QLinearConv + QLinearAdd (without them that conv runs in float). A quantizer sits on a tensor: every
+consumer of that tensor sees the quantized value, in QuantSim and in the ONNX file alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import fx
+
+from qexport.errors import QexportError
+from qexport.quant import graph_ops
+from qexport.quant.spec import BitsConfig, QuantSpec, activation_spec, weight_spec
+
+TARGETS = ("onnxruntime", "tensorrt", "openvino")
+PLAN_VERSION = 1
+
+
+@dataclass(frozen=True)
+class LayerPoint:
+    """A quantized Conv2d/Linear: its module name, kind and weight grid."""
+
+    name: str
+    kind: str  # "conv2d" | "linear"
+    weight: QuantSpec
+    input_point: str | None  # the ActPoint on its input tensor, None for weights-only plans
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "weight": self.weight.to_dict(), "input_point": self.input_point}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LayerPoint":
+        return cls(d["name"], d["kind"], QuantSpec.from_dict(d["weight"]), d.get("input_point"))
+
+
+@dataclass(frozen=True)
+class ActPoint:
+    """A per-tensor activation quantizer on the output of graph node ``name``.
+
+    ``role`` is why it exists (``input`` of a layer, ``residual`` Add input, ``fusion`` for the runtime).
+    ``share_scale_with`` names a point whose scale this one reuses: its tensor is the other's moved by
+    slicing/padding/pooling-max, so sharing the scale makes the second quantization exact (no double rounding).
+    """
+
+    name: str
+    spec: QuantSpec
+    role: str
+    share_scale_with: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "spec": self.spec.to_dict(), "role": self.role,
+                "share_scale_with": self.share_scale_with}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ActPoint":
+        return cls(d["name"], QuantSpec.from_dict(d["spec"]), d["role"], d.get("share_scale_with"))
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    """Everything that is quantized, for one target and bit configuration."""
+
+    target: str
+    bits: BitsConfig
+    layers: tuple[LayerPoint, ...]
+    activations: tuple[ActPoint, ...]
+    float_layers: tuple[str, ...] = field(default=())
+
+    def layer(self, name: str) -> LayerPoint:
+        for lp in self.layers:
+            if lp.name == name:
+                return lp
+        raise KeyError(name)
+
+    def activation(self, name: str) -> ActPoint:
+        for ap in self.activations:
+            if ap.name == name:
+                return ap
+        raise KeyError(name)
+
+    def to_dict(self) -> dict:
+        return {"version": PLAN_VERSION, "target": self.target, "bits": self.bits.to_dict(),
+                "layers": [lp.to_dict() for lp in self.layers],
+                "activations": [ap.to_dict() for ap in self.activations],
+                "float_layers": list(self.float_layers)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantPlan":
+        if d.get("version") != PLAN_VERSION:
+            raise QexportError(f"plan version {d.get('version')} is not supported (expected {PLAN_VERSION}); recalibrate")
+        return cls(d["target"], BitsConfig.from_dict(d["bits"]),
+                   tuple(LayerPoint.from_dict(x) for x in d["layers"]),
+                   tuple(ActPoint.from_dict(x) for x in d["activations"]),
+                   tuple(d.get("float_layers", ())))
+
+
+def _moved_from(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
+    """Walk back through data-movement ops to the tensor they move."""
+    while graph_ops.is_data_movement(gm, node) and graph_ops.tensor_inputs(node):
+        node = graph_ops.tensor_inputs(node)[0]
+    return node
+
+
+def build_plan(gm: fx.GraphModule, target: str, bits: BitsConfig, keep_float: tuple[str, ...] = ()) -> QuantPlan:
+    """Derive the default placement plan from a BN-folded traced model.
+
+    Args:
+        gm: the BN-folded float model as a torch.fx GraphModule.
+        target: ``onnxruntime``, ``tensorrt`` or ``openvino``.
+        bits: bit widths; ``first_last_bits`` applies to the first and last quantized layer.
+        keep_float: layer names to leave in float (also allows unsupported layers).
+
+    Returns:
+        The QuantPlan.
+    """
+    if target not in TARGETS:
+        raise QexportError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    nodes = list(gm.graph.nodes)
+    for node in nodes:
+        if graph_ops.is_unsupported_weighted(gm, node) and node.target not in keep_float:
+            kind = type(graph_ops.target_module(gm, node)).__name__
+            raise QexportError(f"layer {node.target!r} is a {kind}, which qexport cannot quantize; "
+                               f"pass --keep-float {node.target} to leave it in float")
+    known = {n.target for n in nodes if n.op == "call_module"}
+    unknown = [k for k in keep_float if k not in known]
+    if unknown:
+        raise QexportError(f"--keep-float names no layer of this model: {', '.join(unknown)}")
+    layer_nodes = [n for n in nodes if graph_ops.is_quantizable_layer(gm, n) and n.target not in keep_float]
+    if not layer_nodes:
+        raise QexportError("the model has no Conv2d or Linear layer to quantize")
+    # TensorRT has only signed int8 activations; unsigned grids below 8 bits still fit int8 (numerics.md).
+    nonneg = graph_ops.non_negative_nodes(gm)
+    unsigned_ok = lambda b: target != "tensorrt" or b < 8  # noqa: E731
+    edge = {layer_nodes[0].name, layer_nodes[-1].name}
+
+    acts: dict[str, ActPoint] = {}
+
+    def add_act(node: fx.Node, b: int, role: str) -> str:
+        src = _moved_from(gm, node)
+        share = None
+        if src is not node and src.name in acts:
+            share = src.name
+        spec = activation_spec(b, node.name in nonneg and unsigned_ok(b))
+        old = acts.get(node.name)
+        if old is None or old.spec.bits < b:
+            acts[node.name] = ActPoint(node.name, spec, old.role if old else role, share)
+        return node.name
+
+    layers = []
+    for n in layer_nodes:
+        w_bits = bits.weight_bits
+        a_bits = bits.act_bits
+        if bits.first_last_bits and n.name in edge:
+            w_bits = bits.first_last_bits
+            a_bits = bits.first_last_bits if a_bits is not None else None
+        inp = graph_ops.tensor_inputs(n)[0]
+        point = add_act(inp, a_bits, "input") if a_bits is not None else None
+        kind = "conv2d" if type(graph_ops.target_module(gm, n)).__name__ == "Conv2d" else "linear"
+        layers.append(LayerPoint(n.target, kind, weight_spec(w_bits), point))
+
+    if bits.act_bits is not None:
+        quantized_layer_nodes = {n.name for n in layer_nodes}
+        for node in nodes:
+            if not graph_ops.is_residual_add(node):
+                continue
+            for arg in node.args[:2]:
+                from_layer = arg.name in quantized_layer_nodes
+                if from_layer:
+                    if target == "onnxruntime" and bits.act_bits == 8:
+                        add_act(arg, 8, "fusion")
+                elif arg.name not in acts:
+                    add_act(arg, bits.act_bits, "residual")
+    # Re-resolve sharing now that every point exists (a residual point may precede its source in order).
+    ordered = []
+    for node in nodes:
+        if node.name in acts:
+            ap = acts[node.name]
+            src = _moved_from(gm, node)
+            share = src.name if src is not node and src.name in acts and acts[src.name].spec == ap.spec else None
+            ordered.append(ActPoint(ap.name, ap.spec, ap.role, share))
+    return QuantPlan(target, bits, tuple(layers), tuple(ordered), tuple(keep_float))
