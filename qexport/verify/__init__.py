@@ -1,0 +1,1 @@
+"""Verification: parity of engines against QuantSim and FP32, and latency."""
