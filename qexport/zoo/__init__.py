@@ -1,0 +1,1 @@
+"""Tiny, real demo models that run anywhere (no shared folder, no download)."""
