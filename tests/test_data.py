@@ -158,3 +158,10 @@ def test_save_image_folder_round_trip(small, tmp_path):
     xg, yg = load_tensor(flat, grey)
     assert (yg == -1).all() and xg.shape == (5, 1, 8, 8)
     assert (xg - g.clamp(-1, 1)).abs().max().item() <= 1 / 255 + 1e-5
+
+
+def test_empty_class_folder_keeps_class_indices(small):
+    (small / "bee").mkdir()  # sorts between "airplane" and "bird", holds no images
+    ds = ImageFolder(small, CIFAR_PRESET)
+    assert ds.classes == ["airplane", "bee", "bird", "cat"]
+    assert sorted(set(ds.labels)) == [0, 2, 3]

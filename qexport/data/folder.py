@@ -55,6 +55,9 @@ def preprocess_image(img, preprocess: Preprocess, name: str = "image") -> torch.
 class ImageFolder(Dataset):
     """Images under ``root``, labelled by class subfolder, or unlabeled (label -1) when ``root`` is flat.
 
+    With class subfolders, images lying directly in ``root`` are ignored; subfolders are not searched
+    recursively. Images are opened lazily; a bad one raises QexportError naming it when it is loaded.
+
     Args:
         root: the folder.
         preprocess: how each image becomes a tensor.
@@ -76,7 +79,8 @@ class ImageFolder(Dataset):
         paths: list[Path] = []
         labels: list[int] = []
         classes: list[str] = []
-        class_dirs = [d for d in subdirs if any(_is_image(f) for f in d.iterdir())]
+        # every subfolder is a class once any of them holds images: an empty class keeps its index
+        class_dirs = subdirs if any(_is_image(f) for d in subdirs for f in d.iterdir()) else []
         flat = sorted(f for f in self.root.iterdir() if _is_image(f))
         if class_dirs:
             classes = [d.name for d in class_dirs]

@@ -148,8 +148,6 @@ def load_model(
         apply_state_dict(model, sd, str(weights), spec)
         digest = sha256_file(weights)
     model = model.to(device="cpu", dtype=torch.float32).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
     if nc is None:
         nc = _last_linear_out(model)
     return LoadedModel(
