@@ -1,0 +1,234 @@
+"""The ``qexport`` command line: a thin typer app; each command builds a config and calls one function.
+
+Heavy imports happen inside the commands, so ``qexport --help`` is fast and needs no optional runtime.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from qexport.errors import QexportError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Calibrate a PyTorch CNN, export QDQ ONNX, build an INT8 engine and verify it.\n\n"
+                       "  qexport calibrate MODEL --method mse --bits w8a8 --data DIR -o recipe/\n\n"
+                       "  qexport export recipe/ --target onnxruntime -o model.onnx\n\n"
+                       "  qexport build-engine model.onnx --target onnxruntime -o engine/\n\n"
+                       "  qexport verify engine/ --recipe recipe/ --data DIR")
+
+_MODEL_HELP = ("cifar:resnet20|32|44|56, torchvision:<name>, package.module:factory, or a torch.export .pt2 file")
+_METHOD = "Method options"
+
+
+def _floats(text: Optional[str], what: str) -> Optional[tuple[float, ...]]:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise QexportError(f"{what} {text!r} must be comma-separated numbers, e.g. 0.485,0.456,0.406") from None
+
+
+def _size(text: Optional[str]) -> Optional[tuple[int, int]]:
+    if text is None:
+        return None
+    try:
+        parts = [int(v) for v in text.lower().replace("x", ",").split(",")]
+    except ValueError:
+        raise QexportError(f"--input-size {text!r} must be H,W or a single size, e.g. 224 or 32,32") from None
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or min(parts) <= 0:
+        raise QexportError(f"--input-size {text!r} must be H,W or a single positive size")
+    return parts[0], parts[1]
+
+
+@app.command()
+def calibrate(
+    model: str = typer.Argument(..., help=_MODEL_HELP),
+    output: Path = typer.Option(..., "-o", "--output", help="Recipe folder to write (recipe.json + tensors.safetensors)."),
+    method: str = typer.Option("mse", help="Calibration method; `qexport methods` lists them."),
+    bits: str = typer.Option("w8a8", help="Bit widths: wNaM (w8a8, w4a8, w4a4), or wN for weights only."),
+    weights: Optional[Path] = typer.Option(None, help="Checkpoint: state dict (.pt/.pth/.th) or .safetensors."),
+    data: Optional[Path] = typer.Option(None, help="Calibration image folder (class subfolders or flat)."),
+    num_samples: int = typer.Option(512, help="Calibration images used (a seeded random subset)."),
+    target: str = typer.Option("onnxruntime", help="Runtime whose placement plan is used: onnxruntime, tensorrt, openvino."),
+    first_last_bits: Optional[int] = typer.Option(None, help="Keep the first and last layer at this width (e.g. 8)."),
+    keep_float: list[str] = typer.Option([], help="Layer to leave in float (repeatable), e.g. an unsupported one."),
+    input_size: Optional[str] = typer.Option(None, help="Override the input size: H,W or one number."),
+    mean: Optional[str] = typer.Option(None, help="Override normalisation mean, e.g. 0.485,0.456,0.406."),
+    std: Optional[str] = typer.Option(None, help="Override normalisation std."),
+    seed: int = typer.Option(0, help="Seed: the same seed gives the same recipe."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output folder."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its checkpoint."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    percentile: Optional[float] = typer.Option(None, help="[percentile] clip percentile of |x|.", rich_help_panel=_METHOD),
+    batch_size: Optional[int] = typer.Option(None, help="Batch size of calibration passes.", rich_help_panel=_METHOD),
+    patch_prob: Optional[float] = typer.Option(None, help="[gpfq] keep each conv patch with this probability.", rich_help_panel=_METHOD),
+    c: Optional[str] = typer.Option(None, "--c", help="[gpfq] step-size constant C, or 'auto' to search it.", rich_help_panel=_METHOD),
+    per_channel_step: Optional[bool] = typer.Option(None, "--per-channel-step/--per-layer-step", help="[gpfq] step size per output channel or per layer.", rich_help_panel=_METHOD),
+    bias_correction: Optional[bool] = typer.Option(None, "--bias-correction/--no-bias-correction", help="[gpfq] correct the layer bias for the mean quantization error.", rich_help_panel=_METHOD),
+    schedule: Optional[str] = typer.Option(None, help="[adasg] 'paper' (400 x 200 iterations) or 'budget'.", rich_help_panel=_METHOD),
+    epochs: Optional[int] = typer.Option(None, help="[adasg] epochs.", rich_help_panel=_METHOD),
+    iters_per_epoch: Optional[int] = typer.Option(None, help="[adasg] iterations per epoch.", rich_help_panel=_METHOD),
+    time_budget: Optional[str] = typer.Option(None, help="[adasg] stop after this long, e.g. 30m or 2h.", rich_help_panel=_METHOD),
+    loss: Optional[str] = typer.Option(None, help="[adasg] 'adasg' or the 'gdfq' baseline.", rich_help_panel=_METHOD),
+    save_synthetic: Optional[int] = typer.Option(None, help="[adasg] also keep N synthetic images as an image folder.", rich_help_panel=_METHOD),
+) -> None:
+    """Calibrate MODEL with a method and write a recipe folder (integer weights, scales, provenance)."""
+    from qexport.pipeline import CalibrateConfig, calibrate as run_calibrate
+
+    options = {"percentile": percentile, "batch_size": batch_size, "patch_prob": patch_prob, "c": c,
+               "per_channel_step": per_channel_step, "bias_correction": bias_correction, "schedule": schedule,
+               "epochs": epochs, "iters_per_epoch": iters_per_epoch, "time_budget": time_budget, "loss": loss,
+               "save_synthetic": save_synthetic}
+    cfg = CalibrateConfig(model=model, output=output, method=method, bits=bits, target=target,
+                          weights=str(weights) if weights else None, data=str(data) if data else None,
+                          num_samples=num_samples, seed=seed, first_last_bits=first_last_bits,
+                          keep_float=tuple(keep_float), input_size=_size(input_size), mean=_floats(mean, "--mean"),
+                          std=_floats(std, "--std"), device=device, force=force, resume=resume, quiet=quiet,
+                          options=options)
+    out = run_calibrate(cfg)
+    typer.echo(f"recipe written to {out}")
+
+
+@app.command("export")
+def export_cmd(
+    recipe: Path = typer.Argument(..., help="Recipe folder from `qexport calibrate`."),
+    output: Path = typer.Option(..., "-o", "--output", help="QDQ ONNX file; the FP32 baseline goes beside it as <name>.fp32.onnx."),
+    target: str = typer.Option("onnxruntime", help="onnxruntime (uint8 activations), tensorrt (int8, zero point 0) or openvino."),
+    opset: int = typer.Option(17, help="ONNX opset (>= 13)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing files."),
+) -> None:
+    """Export a recipe as QDQ ONNX for a target (checked against the target's rules before writing)."""
+    from qexport.export.qdq import export_recipe
+
+    qdq, fp32, _ = export_recipe(recipe, target, output, force=force, opset=opset)
+    typer.echo(f"wrote {qdq} ({target} QDQ) and {fp32} (FP32 baseline)")
+
+
+@app.command("build-engine")
+def build_engine(
+    onnx_file: Path = typer.Argument(..., metavar="MODEL.onnx", help="QDQ ONNX from `qexport export`."),
+    output: Path = typer.Option(..., "-o", "--output", help="Engine folder to write."),
+    target: str = typer.Option("onnxruntime", help="onnxruntime, openvino or tensorrt."),
+    fp32: Optional[Path] = typer.Option(None, help="FP32 baseline ONNX (default: <name>.fp32.onnx beside MODEL.onnx, if present)."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads (default: all available cores)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing engine folder."),
+) -> None:
+    """Build a runnable INT8 engine (and its FP32 baseline) from a QDQ ONNX file."""
+    from qexport.engine_build import build_engine_folder
+
+    out = build_engine_folder(onnx_file, output, target, fp32=fp32, threads=threads, force=force)
+    typer.echo(f"engine written to {out}")
+
+
+@app.command()
+def verify(
+    engine: Path = typer.Argument(..., help="Engine folder from `qexport build-engine`."),
+    recipe: Path = typer.Option(..., help="The recipe folder the engine was exported from."),
+    data: Path = typer.Option(..., help="Image folder (class subfolders give top-1)."),
+    report: Optional[Path] = typer.Option(None, help="Report folder (default: <engine>.report beside the engine)."),
+    num_samples: Optional[int] = typer.Option(None, help="Use a seeded subset of this many images (default all)."),
+    batch_size: int = typer.Option(64, help="Inference batch size."),
+    threads: Optional[int] = typer.Option(None, help="Runtime threads (default: the engine's)."),
+    bench_batch: list[int] = typer.Option([1], help="Batch size to time (repeatable); 0 skips timing."),
+    bench_iters: int = typer.Option(50, help="Timed calls per engine and batch size."),
+    max_drop: Optional[float] = typer.Option(None, help="Fail (exit 1) if engine top-1 drops more points than this vs FP32."),
+    min_agreement: Optional[float] = typer.Option(None, help="Fail (exit 1) if engine vs QuantSim agreement (%) is below this."),
+    seed: int = typer.Option(0, help="Seed of the image subset."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing report folder."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Compare engine, QuantSim and FP32 on images; time INT8 vs FP32; write report.json and report.md."""
+    from qexport.verify.compare import VerifyConfig, verify as run_verify
+    from qexport.verify.report import print_report
+
+    sizes = tuple(b for b in bench_batch if b > 0)
+    cfg = VerifyConfig(engine=engine, recipe=recipe, data=data, report=report, num_samples=num_samples, seed=seed,
+                       batch_size=batch_size, threads=threads, bench_batch_sizes=sizes, bench_iters=bench_iters,
+                       max_drop=max_drop, min_agreement=min_agreement, force=force, quiet=quiet)
+    rep, out = run_verify(cfg)
+    print_report(rep)
+    typer.echo(f"report written to {out}/report.md")
+    if not rep["passed"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+def run(
+    model: str = typer.Argument(..., help=_MODEL_HELP),
+    output: Path = typer.Option(..., "-o", "--output", help="Run folder: recipe, model.onnx, engine/, report."),
+    eval_data: Path = typer.Option(..., help="Labelled image folder for verify (never used for calibration)."),
+    method: str = typer.Option("mse", help="Calibration method."),
+    bits: str = typer.Option("w8a8", help="Bit widths, e.g. w8a8."),
+    weights: Optional[Path] = typer.Option(None, help="Checkpoint."),
+    data: Optional[Path] = typer.Option(None, help="Calibration image folder."),
+    num_samples: int = typer.Option(512, help="Calibration images."),
+    target: str = typer.Option("onnxruntime", help="Runtime: onnxruntime or openvino (tensorrt needs a GPU)."),
+    eval_samples: Optional[int] = typer.Option(None, help="Verify on a seeded subset of this many images."),
+    seed: int = typer.Option(0, help="Seed."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing run folder."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """All four steps in one: calibrate, export, build-engine and verify into one run folder."""
+    from qexport.run_all import run_pipeline
+    from qexport.verify.report import print_report
+
+    rep, folder = run_pipeline(model=model, output=output, eval_data=eval_data, method=method, bits=bits,
+                               weights=weights, data=data, num_samples=num_samples, target=target,
+                               eval_samples=eval_samples, seed=seed, force=force, quiet=quiet)
+    print_report(rep)
+    typer.echo(f"run folder {folder}: recipe/, model.onnx, engine/, report/report.md")
+
+
+@app.command()
+def methods() -> None:
+    """List the registered calibration methods, one line each."""
+    from qexport.calibrators import list_calibrators
+
+    for info in list_calibrators():
+        kind = "data" if info.needs_data else "data-free"
+        typer.echo(f"{info.name:<11} {kind:<9} {info.summary}")
+
+
+@app.command()
+def check(
+    onnx_file: Path = typer.Argument(..., metavar="MODEL.onnx", help="ONNX file to check."),
+    target: str = typer.Option(..., help="tensorrt, onnxruntime or openvino."),
+) -> None:
+    """Check a QDQ ONNX file offline against a target's rules; exit 1 if any rule is broken."""
+    from qexport.export.check import run_check
+
+    raise typer.Exit(run_check(onnx_file, target, echo=typer.echo))
+
+
+def main() -> None:
+    """Console entry point: one-line errors with exit code 2, Ctrl-C exits 130 leaving no partial output."""
+    import click
+
+    try:
+        typer.main.get_command(app).main(standalone_mode=False, prog_name="qexport")
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:  # usage errors: click's message, exit code 2
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        typer.echo("interrupted: nothing was written", err=True)
+        sys.exit(130)
+    except QexportError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        typer.echo("interrupted: nothing was written (a resumable run keeps its checkpoint; use --resume)", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

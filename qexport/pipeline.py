@@ -1,0 +1,159 @@
+"""The public functions behind the CLI verbs: calibrate (model -> recipe folder).
+
+Export, engine building and verification live in ``qexport.export``, ``qexport.runtimes`` and ``qexport.verify``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from qexport.errors import QexportError
+from qexport.fileio import atomic_dir, check_output_free
+from qexport.quant.spec import BitsConfig
+
+
+@dataclass(frozen=True)
+class CalibrateConfig:
+    """Everything ``qexport calibrate`` needs.
+
+    Args:
+        model: model spec (``cifar:resnet20``, ``torchvision:resnet18``, ``pkg.mod:factory``, ``file.pt2``).
+        output: recipe folder to write.
+        method: calibrator name.
+        bits: ``wNaM``.
+        target: export target whose plan is used.
+        weights: checkpoint path.
+        data: calibration image folder (not for data-free methods).
+        num_samples: calibration images taken (seeded subset).
+        seed: the run's seed.
+        first_last_bits: width of the first and last layer.
+        keep_float: layers to leave in float.
+        input_size, mean, std: preprocessing overrides.
+        device: ``cpu``, ``cuda`` or ``auto``.
+        force: overwrite an existing output.
+        resume: continue an interrupted run from its checkpoint.
+        quiet: no progress bars.
+        options: method options (validated by the method's config).
+    """
+
+    model: str
+    output: Path
+    method: str = "mse"
+    bits: str = "w8a8"
+    target: str = "onnxruntime"
+    weights: str | None = None
+    data: str | None = None
+    num_samples: int = 512
+    seed: int = 0
+    first_last_bits: int | None = None
+    keep_float: tuple[str, ...] = ()
+    input_size: tuple[int, int] | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    device: str = "auto"
+    force: bool = False
+    resume: bool = False
+    quiet: bool = False
+    options: dict = field(default_factory=dict)
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when a GPU is available, else ``cpu``; validates explicit choices."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise QexportError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise QexportError(f"--device {device!r} is not understood; use auto, cpu or cuda")
+    return device
+
+
+def work_dir_for(output: Path) -> Path:
+    """Persistent checkpoint folder of a run writing ``output`` (kept on interrupt, removed on success)."""
+    return output.with_name(f".{output.name}.work")
+
+
+def calibrate(cfg: CalibrateConfig) -> Path:
+    """Calibrate a model and write its recipe folder atomically.
+
+    Args:
+        cfg: the run's configuration.
+
+    Returns:
+        The recipe folder.
+    """
+    from qexport.calibrators import get_calibrator
+    from qexport.calibrators.base import CalibrationContext, config_from_options
+    from qexport.data import ImageFolder, load_tensor
+    from qexport.models import fold_batchnorm, load_model
+    from qexport.quant.plan import build_plan
+    from qexport.quant.quantsim import QuantSim
+    from qexport.recipe import ModelRef, QuantRecipe
+
+    info = get_calibrator(cfg.method)
+    method_cfg = config_from_options(info.config, cfg.options, cfg.method)
+    bits = BitsConfig.parse(cfg.bits, cfg.first_last_bits)
+    check_output_free(cfg.output, cfg.force)
+    if cfg.num_samples <= 0:
+        raise QexportError(f"--num-samples must be positive, got {cfg.num_samples}")
+    if info.needs_data and cfg.data is None and bits.act_bits is not None:
+        raise QexportError(f"--method {cfg.method} needs calibration images: pass --data DIR (an image folder)")
+    if not info.needs_data and cfg.data is not None:
+        raise QexportError(f"--method {cfg.method} is data-free and reads no images; drop --data")
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+
+    loaded = load_model(cfg.model, cfg.weights, input_size=cfg.input_size, mean=cfg.mean, std=cfg.std)
+    folded = fold_batchnorm(loaded.model)
+    plan = build_plan(folded, cfg.target, bits, tuple(cfg.keep_float))
+    data = labels = None
+    data_fp = None
+    if info.needs_data and cfg.data is not None:
+        folder = ImageFolder(cfg.data, loaded.preprocess)
+        data, labels = load_tensor(folder, num_samples=cfg.num_samples, seed=cfg.seed)
+        data_fp = folder.fingerprint()
+    sim = QuantSim(folded, plan)
+    work = work_dir_for(Path(cfg.output))
+    if cfg.resume and not work.is_dir():
+        raise QexportError(f"--resume: no interrupted run found for {cfg.output} (expected {work})")
+    if not cfg.resume and work.is_dir():
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    with atomic_dir(cfg.output, force=cfg.force) as tmp:
+        ctx = CalibrationContext(sim=sim, folded=folded, model=loaded, data=data, labels=labels, seed=cfg.seed,
+                                 device=device, quiet=cfg.quiet, artifact_dir=tmp, work_dir=work, resume=cfg.resume)
+        metrics = info.fn(ctx, method_cfg) or {}
+        sim = ctx.sim.cpu().eval()
+        metrics["calibration_seconds"] = round(time.time() - started, 2)
+        ref = ModelRef(cfg.model, tuple(loaded.input_shape), loaded.preprocess.to_dict(), loaded.num_classes,
+                       str(cfg.weights) if cfg.weights else None, loaded.weights_sha256)
+        provenance = {"method": cfg.method, "options": _jsonable(vars(method_cfg)), "seed": cfg.seed,
+                      "bits": bits.label, "target": cfg.target, "device": device,
+                      "data": str(cfg.data) if data is not None else None, "data_fingerprint": data_fp,
+                      "num_samples": int(data.shape[0]) if data is not None else 0}
+        recipe = QuantRecipe.from_quantsim(sim, folded, ref, provenance, metrics)
+        _save_into(recipe, tmp)
+    shutil.rmtree(work, ignore_errors=True)
+    return Path(cfg.output)
+
+
+def _save_into(recipe, folder: Path) -> None:
+    """Write a recipe's two files into an already-created (temporary) folder."""
+    staging = folder / ".recipe"
+    recipe.save(staging)
+    for f in staging.iterdir():
+        f.replace(folder / f.name)
+    staging.rmdir()
+
+
+def _jsonable(d: dict) -> dict:
+    out = {}
+    for k, v in d.items():
+        out[k] = v if isinstance(v, (int, float, str, bool, type(None), list, dict)) else str(v)
+    return out

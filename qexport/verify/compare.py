@@ -1,0 +1,214 @@
+"""verify: the same images through the FP32 model, QuantSim and the engine; parity, accuracy and latency."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qexport.errors import QexportError
+from qexport.fileio import atomic_dir, check_output_free
+from qexport.progress import progress_bar
+
+
+@dataclass(frozen=True)
+class VerifyConfig:
+    """Options of ``qexport verify``.
+
+    Args:
+        engine: engine folder.
+        recipe: recipe folder the engine was exported from.
+        data: image folder (labelled for top-1).
+        report: report folder (default ``<engine>.report`` beside the engine).
+        num_samples: images used (None: all), a seeded subset.
+        seed: subset seed.
+        batch_size: inference batch size.
+        threads: runtime threads (None: the engine's).
+        bench_batch_sizes: batch sizes timed (empty: no latency).
+        bench_iters: timed calls per engine and batch size.
+        max_drop: fail when engine top-1 is more than this many points below FP32.
+        min_agreement: fail when engine vs QuantSim top-1 agreement (percent) is below this.
+        force: overwrite an existing report folder.
+        quiet: no progress bars.
+    """
+
+    engine: Path
+    recipe: Path
+    data: Path
+    report: Path | None = None
+    num_samples: int | None = None
+    seed: int = 0
+    batch_size: int = 64
+    threads: int | None = None
+    bench_batch_sizes: tuple[int, ...] = (1,)
+    bench_iters: int = 50
+    max_drop: float | None = None
+    min_agreement: float | None = None
+    force: bool = False
+    quiet: bool = False
+    divergence: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+def report_dir_for(engine: Path) -> Path:
+    """Default report folder: ``<engine>.report`` beside the engine folder."""
+    engine = Path(engine)
+    return engine.with_name(engine.name + ".report")
+
+
+def _check_engine_matches_recipe(meta: dict, recipe_dir: Path) -> None:
+    from qexport.export.qdq import recipe_fingerprint
+
+    want = (meta.get("source_metadata") or {}).get("qexport.recipe_sha256")
+    if want and want != recipe_fingerprint(recipe_dir):
+        raise QexportError(f"engine {meta.get('_dir', '')} was not built from recipe {recipe_dir} (its ONNX names another "
+                           "recipe); verify it against the recipe it was exported from")
+
+
+def verify(cfg: VerifyConfig) -> tuple[dict, Path]:
+    """Run the comparison, time the engines and write the report.
+
+    Args:
+        cfg: options.
+
+    Returns:
+        (the report dictionary, the report folder). ``report["passed"]`` is False when a threshold failed.
+    """
+    from qexport.data import ImageFolder, iter_batches, subset_indices
+    from qexport.models import Preprocess
+    from qexport.recipe import QuantRecipe
+    from qexport.runtimes import load_engine, read_engine_meta
+
+    out = Path(cfg.report) if cfg.report else report_dir_for(cfg.engine)
+    check_output_free(out, cfg.force)
+    meta = read_engine_meta(cfg.engine, which="int8")
+    recipe = QuantRecipe.load(cfg.recipe)
+    _check_engine_matches_recipe({**meta, "_dir": str(cfg.engine)}, Path(cfg.recipe))
+    ds = ImageFolder(cfg.data, Preprocess.from_dict(recipe.model.preprocess))
+    ds.validate()
+    idx = subset_indices(len(ds), cfg.num_samples, cfg.seed)
+    engine = load_engine(cfg.engine, "int8", cfg.threads)
+    fp32_engine = load_engine(cfg.engine, "fp32", cfg.threads) if meta["models"].get("fp32") else None
+    folded = recipe.build_float_model()
+    sim = recipe.build_quantsim(folded)
+
+    logits = {"fp32": [], "quantsim": [], "engine": [], "fp32_engine": []}
+    labels = []
+    with torch.no_grad(), progress_bar((len(idx) + cfg.batch_size - 1) // cfg.batch_size, "verify", cfg.quiet) as bar:
+        for x, y in iter_batches(ds, cfg.batch_size, idx):
+            logits["fp32"].append(folded(x).numpy())
+            logits["quantsim"].append(sim(x).numpy())
+            xn = x.numpy().astype(np.float32)
+            logits["engine"].append(engine.infer(xn))
+            if fp32_engine is not None:
+                logits["fp32_engine"].append(fp32_engine.infer(xn))
+            labels.append(y.numpy())
+            bar.advance(1)
+    L = {k: np.concatenate(v) for k, v in logits.items() if v}
+    y = np.concatenate(labels)
+    accuracy = accuracy_metrics(L, y if ds.labelled else None)
+    report = {
+        "recipe": {"path": str(cfg.recipe), "model": recipe.model.spec, "bits": recipe.plan.bits.label,
+                   "method": recipe.provenance.get("method"), "plan_target": recipe.plan.target},
+        "engine": {"path": str(cfg.engine), "target": meta["target"], "threads": engine.threads,
+                   "versions": meta.get("versions", {})},
+        "data": {"path": str(cfg.data), "count": int(len(idx)), "labelled": ds.labelled, "seed": cfg.seed},
+        "accuracy": accuracy,
+        "latency": benchmark_engines(engine, fp32_engine, cfg.bench_batch_sizes, cfg.bench_iters),
+    }
+    report["checks"] = threshold_checks(accuracy, cfg.max_drop, cfg.min_agreement)
+    report["passed"] = all(c["passed"] for c in report["checks"])
+    if cfg.divergence and not report["passed"]:
+        try:
+            from qexport.verify.divergence import first_divergent_layer
+        except ImportError:  # the per-layer report is optional in this build
+            first_divergent_layer = None
+        if first_divergent_layer is not None:
+            report["divergence"] = first_divergent_layer(cfg.engine, recipe, sim, ds, idx[: min(len(idx), 64)])
+    from qexport.verify.report import write_report
+
+    with atomic_dir(out, force=cfg.force) as tmp:
+        write_report(report, tmp)
+    return report, out
+
+
+def accuracy_metrics(L: dict[str, np.ndarray], labels: np.ndarray | None) -> dict:
+    """Top-1 of each model, engine vs QuantSim agreement and logit differences.
+
+    Args:
+        L: name -> logits (N, classes): ``fp32``, ``quantsim``, ``engine`` and optionally ``fp32_engine``.
+        labels: int labels, or None when unlabelled.
+
+    Returns:
+        The accuracy part of the report.
+    """
+    pred = {k: v.argmax(axis=1) for k, v in L.items()}
+    diff = np.abs(L["engine"] - L["quantsim"])
+    out = {"engine_vs_quantsim_agreement": float((pred["engine"] == pred["quantsim"]).mean()),
+           "quantsim_vs_fp32_agreement": float((pred["quantsim"] == pred["fp32"]).mean()),
+           "logit_abs_diff_mean": float(diff.mean()), "logit_abs_diff_max": float(diff.max()),
+           "disagreements": int((pred["engine"] != pred["quantsim"]).sum())}
+    if labels is not None:
+        for k in pred:
+            out[f"{k}_top1"] = float((pred[k] == labels).mean())
+        out["top1_drop_points"] = 100.0 * (out["fp32_top1"] - out["engine_top1"])
+    return out
+
+
+def benchmark_engines(engine, fp32_engine, batch_sizes, iters: int) -> list[dict]:
+    """Time the INT8 and FP32 engines interleaved in this process at each batch size.
+
+    Args:
+        engine: INT8 runner.
+        fp32_engine: FP32 runner or None.
+        batch_sizes: batch sizes to time.
+        iters: timed calls per engine and batch size.
+
+    Returns:
+        One row per batch size with ``int8``, ``fp32`` (LatencyStats dicts) and ``speedup``.
+    """
+    from qexport.verify.latency import interleaved_compare
+
+    rows = []
+    for b in batch_sizes:
+        calls = {"int8": engine.timed_call(b)}
+        if fp32_engine is not None:
+            calls["fp32"] = fp32_engine.timed_call(b)
+        stats = interleaved_compare(calls, rounds=iters, warmup=5, batch_size=b)
+        row = {"batch_size": b, **{k: v.to_dict() for k, v in stats.items()}}
+        if "fp32" in stats:
+            row["speedup"] = stats["fp32"].p50_ms / stats["int8"].p50_ms
+        rows.append(row)
+    return rows
+
+
+def threshold_checks(acc: dict, max_drop: float | None, min_agreement: float | None) -> list[dict]:
+    """Gate checks for deployment pipelines.
+
+    Args:
+        acc: the accuracy metrics.
+        max_drop: largest allowed top-1 drop (points) of the engine vs FP32.
+        min_agreement: smallest allowed engine vs QuantSim agreement (percent).
+
+    Returns:
+        A list of {name, value, threshold, passed}.
+    """
+    checks = []
+    if max_drop is not None:
+        if "top1_drop_points" not in acc:
+            raise QexportError("--max-drop needs labelled images (class subfolders) to measure top-1")
+        checks.append({"name": "top-1 drop vs FP32 (points)", "value": acc["top1_drop_points"],
+                       "threshold": max_drop, "passed": acc["top1_drop_points"] <= max_drop})
+    if min_agreement is not None:
+        v = 100.0 * acc["engine_vs_quantsim_agreement"]
+        checks.append({"name": "engine vs QuantSim agreement (%)", "value": v, "threshold": min_agreement,
+                       "passed": v >= min_agreement})
+    return checks
+
+
+def load_report(folder: Path) -> dict:
+    """Read a report.json written by verify."""
+    return json.loads((Path(folder) / "report.json").read_text())

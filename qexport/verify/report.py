@@ -1,0 +1,96 @@
+"""Reports a person can read: report.json (everything) and report.md (tables), plus a console table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.2f} %"
+
+
+def render_markdown(report: dict) -> str:
+    """The report as Markdown.
+
+    Args:
+        report: the verify report dictionary.
+
+    Returns:
+        Markdown text.
+    """
+    a, r = report["accuracy"], report["recipe"]
+    lines = [f"# qexport verify: {r['model']} {r['bits']} ({r['method']}) on {report['engine']['target']}", "",
+             f"Images: {report['data']['count']} from `{report['data']['path']}`"
+             + (" (labelled)" if report["data"]["labelled"] else " (unlabelled: no top-1)"), "",
+             "| model | top-1 | agreement with QuantSim |", "|---|---|---|",
+             f"| FP32 (PyTorch) | {_pct(a.get('fp32_top1'))} | |",
+             f"| QuantSim (fake-quant PyTorch) | {_pct(a.get('quantsim_top1'))} | |",
+             f"| INT8 engine | {_pct(a.get('engine_top1'))} | {_pct(a['engine_vs_quantsim_agreement'])} |"]
+    if a.get("fp32_engine_top1") is not None:
+        lines.append(f"| FP32 engine | {_pct(a.get('fp32_engine_top1'))} | |")
+    lines += ["", f"Logit difference engine vs QuantSim: mean {a['logit_abs_diff_mean']:.4g}, "
+                  f"max {a['logit_abs_diff_max']:.4g}."]
+    if a.get("top1_drop_points") is not None:
+        lines.append(f"Top-1 drop of the engine vs FP32: {a['top1_drop_points']:.2f} points.")
+    lat = report.get("latency") or []
+    if lat:
+        lines += ["", f"## Latency ({report['engine']['target']}, {report['engine']['threads']} threads, same run)", "",
+                  "| batch | engine | p50 ms | p90 ms | p99 ms | images/s | speed-up vs FP32 |", "|---|---|---|---|---|---|---|"]
+        for row in lat:
+            for which in ("int8", "fp32"):
+                s = row.get(which)
+                if s:
+                    sp = f"{row['speedup']:.2f}x" if which == "int8" and row.get("speedup") else ""
+                    lines.append(f"| {row['batch_size']} | {which} | {s['p50_ms']:.3f} | {s['p90_ms']:.3f} | "
+                                 f"{s['p99_ms']:.3f} | {s['throughput_ips']:.1f} | {sp} |")
+    div = report.get("divergence")
+    if div:
+        lines += ["", "## First divergent layer", "", div.get("summary", "")]
+    checks = report.get("checks") or []
+    if checks:
+        lines += ["", "## Checks", "", "| check | value | threshold | result |", "|---|---|---|---|"]
+        for c in checks:
+            lines.append(f"| {c['name']} | {c['value']:.4g} | {c['threshold']:.4g} | {'PASS' if c['passed'] else 'FAIL'} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict, folder: Path) -> None:
+    """Write report.json and report.md into ``folder`` (a fresh, temporary folder).
+
+    Args:
+        report: the report dictionary.
+        folder: destination folder.
+    """
+    (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (folder / "report.md").write_text(render_markdown(report))
+
+
+def print_report(report: dict) -> None:
+    """Print the main figures as a table on stdout.
+
+    Args:
+        report: the report dictionary.
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    a = report["accuracy"]
+    t = Table(title=f"{report['recipe']['model']} {report['recipe']['bits']} on {report['engine']['target']}")
+    for col in ("", "top-1", "agreement vs QuantSim"):
+        t.add_column(col)
+    t.add_row("FP32 (PyTorch)", _pct(a.get("fp32_top1")), "")
+    t.add_row("QuantSim", _pct(a.get("quantsim_top1")), "")
+    t.add_row("INT8 engine", _pct(a.get("engine_top1")), _pct(a["engine_vs_quantsim_agreement"]))
+    console = Console()
+    console.print(t)
+    for row in report.get("latency") or []:
+        i8, f32 = row.get("int8"), row.get("fp32")
+        msg = f"batch {row['batch_size']}: INT8 p50 {i8['p50_ms']:.3f} ms"
+        if f32:
+            msg += f", FP32 p50 {f32['p50_ms']:.3f} ms, speed-up {row['speedup']:.2f}x"
+        console.print(msg)
+    if report.get("divergence"):
+        console.print(report["divergence"]["summary"])
+    for c in report.get("checks") or []:
+        console.print(f"{'PASS' if c['passed'] else 'FAIL'} {c['name']}: {c['value']:.4g} (threshold {c['threshold']:.4g})")
