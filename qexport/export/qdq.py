@@ -117,7 +117,8 @@ class _GraphEditor:
         return [helper.make_node("DequantizeLinear", [w, sc, zp], [node.output[0]], name=f"{layer}.weight_DQ", axis=0)]
 
     def _bias(self, node: onnx.NodeProto, layer: str) -> list[onnx.NodeProto]:
-        b = numpy_helper.to_array(self.inits[node.input[0]]).astype(np.float32)
+        # Read the bias from the recipe: the ONNX exporter may have merged identical initializers.
+        b = self.recipe.sim_state[f"gm.{layer}.bias"].numpy().astype(np.float32)
         point = self.layer_input.get(layer)
         if point is None:  # weights-only: the input is float, so is the bias
             self._const(node.output[0], b)
@@ -133,7 +134,7 @@ class _GraphEditor:
         return [helper.make_node("DequantizeLinear", [qn, sn, zn], [node.output[0]], name=f"{layer}.bias_DQ", axis=0)]
 
     def rewrite(self) -> onnx.ModelProto:
-        out_nodes, used_float = [], set()
+        out_nodes = []
         for node in self.graph.node:
             if node.domain != DOMAIN:
                 out_nodes.append(node)
@@ -142,26 +143,59 @@ class _GraphEditor:
             if node.op_type == "ActQDQ":
                 out_nodes += self._act(node, attr["point"])
             elif node.op_type == "WeightDQ":
-                used_float.add(node.input[0])
                 out_nodes += self._weight(node, attr["layer"])
             elif node.op_type == "BiasDQ":
-                used_float.add(node.input[0])
                 out_nodes += self._bias(node, attr["layer"])
             else:
                 raise QexportError(f"internal: unknown marker {node.op_type}")
-        kept = [t for t in self.graph.initializer if t.name not in used_float]
-        del self.graph.initializer[:]
-        self.graph.initializer.extend(kept + self.new_inits)
         del self.graph.node[:]
-        self.graph.node.extend(out_nodes)
+        self.graph.node.extend(_prune_dead_nodes(out_nodes, self.graph))
+        used = {i for n in self.graph.node for i in n.input} | {o.name for o in self.graph.output}
+        kept = [t for t in self.graph.initializer if t.name in used]
+        del self.graph.initializer[:]
+        self.graph.initializer.extend(kept + [t for t in self.new_inits if t.name in used])
         for imp in list(self.model.opset_import):
             if imp.domain == DOMAIN:
                 self.model.opset_import.remove(imp)
         return self.model
 
 
+def _prune_dead_nodes(nodes: list, graph) -> list:
+    """Drop nodes whose outputs nothing reads (e.g. Identity copies of merged float weights)."""
+    outputs = {o.name for o in graph.output}
+    nodes = list(nodes)
+    while True:
+        used = {i for n in nodes for i in n.input} | outputs
+        alive = [n for n in nodes if any(o in used for o in n.output)]
+        if len(alive) == len(nodes):
+            return alive
+        nodes = alive
+
+
+_WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def float_node_names(model: onnx.ModelProto, weights_only: bool) -> list[str]:
+    """Nodes a plan deliberately leaves float, by ONNX name, for the checker's ``qexport.float_nodes``.
+
+    Weighted nodes whose data input is not dequantized, and the residual Adds they feed (every Add when the
+    plan quantizes no activations).
+    """
+    producer = {o: n for n in model.graph.node for o in n.output}
+    out = []
+    for n in model.graph.node:
+        if n.op_type in _WEIGHTED_OPS:
+            src = producer.get(n.input[0])
+            if src is None or src.op_type != "DequantizeLinear":
+                out.append(n.name)
+        elif n.op_type == "Add" and (weights_only or any(producer.get(i) is not None and producer[i].name in out
+                                                          for i in n.input)):
+            out.append(n.name)
+    return out
+
+
 def _finish(model: onnx.ModelProto, meta: dict[str, str]) -> onnx.ModelProto:
-    """Strip the exporter's ``gm.`` prefixes, attach metadata, infer shapes and validate."""
+    """Attach metadata, infer shapes and validate."""
     model.producer_name, model.producer_version = "qexport", __version__
     for k, v in meta.items():
         model.metadata_props.append(onnx.StringStringEntryProto(key=k, value=str(v)))
@@ -207,6 +241,9 @@ def build_qdq_model(recipe: QuantRecipe, target: str, opset: int = DEFAULT_OPSET
             "qexport.model": recipe.model.spec, "qexport.method": recipe.provenance.get("method", "")}
     if recipe.plan.float_layers:
         info["qexport.float_layers"] = ",".join(recipe.plan.float_layers)
+    if recipe.plan.float_layers or recipe.plan.bits.act_bits is None:
+        # Layers left float on purpose (kept float, or weights-only): tell the checker, by ONNX node name.
+        info["qexport.float_nodes"] = ",".join(float_node_names(model, recipe.plan.bits.act_bits is None))
     info.update(meta or {})
     return _finish(model, info)
 
