@@ -1,0 +1,394 @@
+"""``--method gpfq``: greedy path-following post-training weight quantization (paper 004, methods.md section 3).
+
+Layer by layer in graph order. The float model and the partially quantized model are run side by side on the
+calibration images by a node-by-node interpreter of the traced graph that keeps every live tensor of both
+paths: it stops at each quantized layer, takes that layer's input on both paths (X and X~), unfolds it into
+patches, samples them and accumulates ``H = X~^T X~`` and ``G = X~^T X``; GPFQ then chooses the integer levels
+(gpfq_core), the layer is quantized, and the run goes on from there. Every node is executed once per path,
+so the whole calibration costs about two forward passes plus the per-layer solves, never one pass per layer.
+
+Alphabet: the layer's integer weight grid qmin..qmax (INT-b exactly); step size by eq. 19 with constant C,
+per output channel by default (``--per-layer-step`` for the paper's single step). ``--c auto`` tries a small
+grid of C on the calibration data and keeps, per channel (or per layer with a per-layer step), the C with the
+smallest error ``||X w - X~ q||``. Bias correction (default on) adds the mean output error of the calibration
+images to the bias. Activations, when the plan quantizes them, are calibrated afterwards (MSE) on the model
+with GPFQ weights.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import fx
+
+from qexport.calibrators import register_calibrator
+from qexport.calibrators.base import CalibrationContext, calibrate_activations
+from qexport.calibrators.gpfq_core import LayerStats, channel_errors, gpfq_accumulated, step_sizes
+from qexport.errors import QexportError
+from qexport.progress import progress_bar
+
+AUTO_C_GRID = (0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.35, 1.5, 1.75, 2.0)
+
+
+@dataclass(frozen=True)
+class GPFQConfig:
+    """Options of ``gpfq``.
+
+    Attributes:
+        patch_prob: probability of keeping each conv patch (paper: 0.25).
+        c: step-size constant C of eq. 19, or ``auto`` to search it on the calibration data.
+        per_channel_step: one step per output channel (default; better than the paper's per-layer step).
+        bias_correction: add the mean output error on the calibration images to each layer's bias.
+        batch_size: images per chunk of the side-by-side run.
+        patch_stride: ``kernel`` (the paper: patches taken with stride = kernel size) or ``layer`` (the layer's
+            own stride, i.e. every output position).
+        c_grid: the values tried by ``c = auto``.
+        act_mode: activation range mode used afterwards when the plan quantizes activations.
+    """
+
+    patch_prob: float = 0.25
+    c: str | float = "auto"
+    per_channel_step: bool = True
+    bias_correction: bool = True
+    batch_size: int = 128
+    patch_stride: str = "kernel"
+    c_grid: tuple[float, ...] = AUTO_C_GRID
+    act_mode: str = "mse"
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.patch_prob <= 1.0:
+            raise QexportError(f"--patch-prob must be in (0, 1], got {self.patch_prob}")
+        if self.batch_size <= 0:
+            raise QexportError(f"--batch-size must be positive, got {self.batch_size}")
+        if self.patch_stride not in ("kernel", "layer"):
+            raise QexportError(f"patch_stride must be 'kernel' or 'layer', got {self.patch_stride!r}")
+        self.c_values()  # validates c
+
+    def c_values(self) -> tuple[float, ...]:
+        """The C values to try: the grid for ``auto``, else the one given."""
+        if isinstance(self.c, str) and self.c.strip().lower() == "auto":
+            return tuple(float(v) for v in self.c_grid)
+        try:
+            val = float(self.c)
+        except (TypeError, ValueError):
+            raise QexportError(f"--c must be 'auto' or a positive number, got {self.c!r}") from None
+        if not math.isfinite(val) or val <= 0:
+            raise QexportError(f"--c must be 'auto' or a positive number, got {self.c!r}")
+        return (val,)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Side-by-side interpreter of the float and partially quantized graphs
+
+
+class _SideBySide:
+    """Runs the traced graph node by node on two module sets (float, quantized) over data chunks.
+
+    Args:
+        graph_module: the BN-folded float GraphModule (its graph is interpreted for both paths).
+        quant_root: the module holding the quantized path's submodules (same names).
+        chunks: input chunks.
+    """
+
+    def __init__(self, graph_module: fx.GraphModule, quant_root: nn.Module, chunks: list[torch.Tensor]):
+        self.nodes = [n for n in graph_module.graph.nodes]
+        self.index = {n: i for i, n in enumerate(self.nodes)}
+        self.roots = (graph_module, quant_root)
+        last = {}
+        for i, n in enumerate(self.nodes):
+            for a in n.all_input_nodes:
+                last[a] = i
+        self.free_at: dict[int, list[fx.Node]] = {}
+        for n, i in last.items():
+            self.free_at.setdefault(i, []).append(n)
+        self.chunks = chunks
+        self.envs = [({}, {}) for _ in chunks]
+        self.pos = 0
+
+    def _attr(self, root: nn.Module, target: str):
+        obj = root
+        for part in target.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    def _exec(self, node: fx.Node, env: dict, path: int, chunk: torch.Tensor):
+        root = self.roots[path]
+        load = lambda a: fx.node.map_arg(a, lambda n: env[n])  # noqa: E731
+        if node.op == "placeholder":
+            return chunk
+        if node.op == "get_attr":
+            return self._attr(root, node.target)
+        args, kwargs = load(node.args), load(node.kwargs)
+        if node.op == "call_module":
+            return root.get_submodule(node.target)(*args, **kwargs)
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        return None  # output
+
+    def run_node(self, i: int, c: int) -> tuple:
+        """Execute node ``i`` on both paths of chunk ``c``; returns the two values (kept in the envs)."""
+        node = self.nodes[i]
+        outs = []
+        for path in (0, 1):
+            env = self.envs[c][path]
+            val = self._exec(node, env, path, self.chunks[c])
+            if node.op != "output":
+                env[node] = val
+            outs.append(val)
+        return tuple(outs)
+
+    def free(self, i: int, c: int) -> None:
+        for n in self.free_at.get(i, ()):
+            for env in self.envs[c]:
+                env.pop(n, None)
+
+    def run_until(self, stop: int, c: int) -> None:
+        """Execute nodes from the current position up to (not including) ``stop`` for chunk ``c``."""
+        for i in range(self.pos, stop):
+            self.run_node(i, c)
+            self.free(i, c)
+
+    def inputs_of(self, i: int, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first tensor argument of node ``i`` on both paths of chunk ``c``."""
+        a = self.nodes[i].args[0]
+        return self.envs[c][0][a], self.envs[c][1][a]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Layer inputs as sampled rows
+
+
+def _conv_padding(layer: nn.Conv2d) -> tuple[int, int]:
+    if isinstance(layer.padding, str):
+        if layer.padding == "valid":
+            return 0, 0
+        return tuple(d * (k - 1) // 2 for d, k in zip(layer.dilation, layer.kernel_size))  # 'same' (odd kernels)
+    return tuple(layer.padding)
+
+
+def _rows(layer: nn.Module, x: torch.Tensor, xq: torch.Tensor, cfg: GPFQConfig, gen: torch.Generator):
+    """Sampled input rows of a layer on both paths, as (g, m, d) each."""
+    if isinstance(layer, nn.Conv2d):
+        pad = _conv_padding(layer)
+        if layer.padding_mode != "zeros":
+            x = F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
+            xq = F.pad(xq, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
+            pad = (0, 0)
+        stride = layer.kernel_size if cfg.patch_stride == "kernel" else layer.stride
+        g = layer.groups
+        if tuple(layer.dilation) == (1, 1):
+            # Strided views (no copy), then gather only the kept patches.
+            (kh, kw), (sh, sw) = layer.kernel_size, stride
+            views = []
+            for t in (x, xq):
+                if pad != (0, 0):
+                    t = F.pad(t, (pad[1], pad[1], pad[0], pad[0]))
+                views.append(t.unfold(2, kh, sh).unfold(3, kw, sw).permute(0, 2, 3, 1, 4, 5))  # B, oh, ow, C, kh, kw
+            b, oh, ow = views[0].shape[:3]
+            keep = torch.rand(b, oh, ow, generator=gen) < cfg.patch_prob
+            keep = keep.to(x.device)
+            out = []
+            for v in views:
+                rows = v[keep] if cfg.patch_prob < 1.0 else v.reshape(b * oh * ow, *v.shape[3:])
+                m = rows.shape[0]
+                out.append(rows.reshape(m, g, -1).transpose(0, 1))  # (g, m, dg)
+            return out[0], out[1]
+        kw_ = dict(kernel_size=layer.kernel_size, dilation=layer.dilation, padding=pad, stride=stride)
+        px, pxq = F.unfold(x, **kw_), F.unfold(xq, **kw_)  # (B, C*kh*kw, L)
+        b, d, L = px.shape
+        keep = torch.rand(b, L, generator=gen) < cfg.patch_prob if cfg.patch_prob < 1.0 else None
+        out = []
+        for p in (px, pxq):
+            p = p.view(b, g, d // g, L).permute(1, 0, 3, 2)  # (g, B, L, dg)
+            p = p[:, keep.to(p.device)] if keep is not None else p.reshape(g, b * L, d // g)
+            out.append(p)
+        return out[0], out[1]
+    d = x.shape[-1]
+    return x.reshape(1, -1, d), xq.reshape(1, -1, d)
+
+
+def _grouped_weight(layer: nn.Module) -> torch.Tensor:
+    """The weight as (g, N/g, d/g)."""
+    w = layer.weight.detach()
+    g = layer.groups if isinstance(layer, nn.Conv2d) else 1
+    return w.reshape(g, w.shape[0] // g, -1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One layer
+
+
+def quantize_layer(w: torch.Tensor, st: LayerStats, bits: int, qmin: int, qmax: int, c_values: tuple[float, ...],
+                   per_channel: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    """GPFQ for one layer, trying every C and keeping the best per channel (or per layer).
+
+    Args:
+        w: weights (g, N, d).
+        st: the layer's accumulated moments.
+        bits: weight bit width (for eq. 19).
+        qmin: lowest level.
+        qmax: highest level.
+        c_values: C values to try.
+        per_channel: per-channel steps and per-channel choice of C.
+
+    Returns:
+        (integer levels (g, N, d), steps (g, N), chosen C (g, N), info with the sampled relative error).
+    """
+    w64 = w.to(st.h.dtype)
+    best = None
+    for c in c_values:
+        delta = step_sizes(w64, bits, c, per_channel)
+        k = gpfq_accumulated(w64, st.h, st.gm, delta, qmin, qmax)
+        err, ref = channel_errors(w64, k * delta[..., None], st)
+        cc = torch.full_like(delta, c)
+        if best is None:
+            best = [k, delta, cc, err, ref]
+            continue
+        if per_channel:
+            better = err < best[3]
+        else:
+            better = (err.sum() < best[3].sum()).expand_as(err)
+        best[0] = torch.where(better[..., None], k, best[0])
+        best[1] = torch.where(better, delta, best[1])
+        best[2] = torch.where(better, cc, best[2])
+        best[3] = torch.where(better, err, best[3])
+    k, delta, cc, err, ref = best
+    rel = math.sqrt(float(err.sum()) / max(float(ref.sum()), 1e-30))
+    return k, delta, cc, {"sampled_rel_error": rel}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The calibrator
+
+
+@register_calibrator("gpfq", config=GPFQConfig, needs_data=True,
+                     summary="GPFQ greedy path-following weight quantization (paper 004), layer by layer on data")
+def calibrate_gpfq(ctx: CalibrationContext, cfg: GPFQConfig) -> dict:
+    """GPFQ calibration.
+
+    Args:
+        ctx: calibration context (needs calibration images).
+        cfg: options.
+
+    Returns:
+        Metrics for the recipe: per-layer relative errors, chosen C, sample counts, time.
+    """
+    if ctx.data is None:
+        raise QexportError("--method gpfq needs calibration images: pass --data DIR (an image folder)")
+    started = time.time()
+    sim, folded, device = ctx.sim, ctx.folded, ctx.device
+    folded_device = next(iter(folded.parameters()), torch.zeros(0)).device
+    sim.to(device).eval()
+    folded.to(device).eval()
+    layers = sim.layers()
+    gen = torch.Generator().manual_seed(ctx.seed)
+    chunks = [ctx.data[i : i + cfg.batch_size].to(device) for i in range(0, ctx.data.shape[0], cfg.batch_size)]
+    runner = _SideBySide(folded, sim.gm, chunks)
+    layer_nodes = []
+    for i, n in enumerate(runner.nodes):
+        if n.op == "call_module" and n.target in layers and all(n.target != t for _, t in layer_nodes):
+            layer_nodes.append((i, n.target))
+    missing = [name for name in layers if all(name != t for _, t in layer_nodes)]
+    if missing:
+        raise QexportError(f"gpfq: layers {', '.join(missing)} are not called in the traced graph")
+    c_values = cfg.c_values()
+    per_layer: dict[str, dict] = {}
+    try:
+        with torch.no_grad(), sim.quant_disabled(weights=True, acts=True), \
+                progress_bar(len(layer_nodes), "gpfq", ctx.quiet) as bar:
+            for idx, name in layer_nodes:
+                t0 = time.time()
+                layer = layers[name]
+                w = _grouped_weight(layer)
+                st = None
+                for c in range(len(chunks)):
+                    runner.run_until(idx, c)
+                    x, xq = runner.inputs_of(idx, c)
+                    rx, rxq = _rows(layer, x, xq, cfg, gen)
+                    if st is None:
+                        st = LayerStats.zeros(rx.shape[0], rx.shape[2], device=rx.device)
+                    st.add(rx, rxq)
+                runner.pos = idx
+                spec = layer.weight_quantizer.spec
+                k, delta, cc, info = quantize_layer(w, st, spec.bits, spec.qmin, spec.qmax, c_values,
+                                                    cfg.per_channel_step)
+                n_out = layer.weight.shape[0]
+                layer.set_quantized_weight(k.reshape(layer.weight.shape), delta.reshape(n_out).float())
+                info.update(_finish_layer(runner, idx, layer, cfg.bias_correction, len(chunks)))
+                runner.pos = idx + 1
+                cflat = cc.flatten()
+                info.update({"bits": spec.bits, "samples": st.m,
+                             "c": round(float(cflat.mean()), 4) if cfg.per_channel_step else float(cflat[0]),
+                             "seconds": round(time.time() - t0, 3)})
+                if cfg.per_channel_step and len(c_values) > 1:
+                    info["c_range"] = [float(cflat.min()), float(cflat.max())]
+                per_layer[name] = info
+                bar.advance(1, info=f"{name}: rel err {info['rel_error']:.4f}")
+                del st
+        runner.envs = []
+    finally:
+        folded.to(folded_device)
+    gpfq_seconds = time.time() - started
+    if sim.act_quantizers():
+        calibrate_activations(sim, ctx.data, cfg.act_mode, batch_size=cfg.batch_size, quiet=ctx.quiet,
+                              seed=ctx.seed, device=device)
+    sim.snap_weights()
+    errs = [v["rel_error"] for v in per_layer.values()]
+    return {"weights": "gpfq", "activations": cfg.act_mode if sim.act_quantizers() else "float",
+            "c": cfg.c if isinstance(cfg.c, str) else float(cfg.c), "patch_prob": cfg.patch_prob,
+            "patch_stride": cfg.patch_stride, "per_channel_step": cfg.per_channel_step,
+            "bias_correction": cfg.bias_correction,
+            "mean_rel_error": round(sum(errs) / len(errs), 6), "max_rel_error": round(max(errs), 6),
+            "gpfq_seconds": round(gpfq_seconds, 2), "layers": per_layer}
+
+
+def _finish_layer(runner: _SideBySide, idx: int, layer: nn.Module, bias_correction: bool, n_chunks: int) -> dict:
+    """Run the quantized layer on both paths, correct its bias, and measure its output error.
+
+    The relative error is ``||X W - X~ Q|| / ||X W||`` over every output of every calibration image
+    (after bias correction, which is included in the quantized output).
+    """
+    is_conv = isinstance(layer, nn.Conv2d)
+    ch_dim = 1 if is_conv else -1
+    n = layer.weight.shape[0]
+    dev = layer.weight.device
+    sum_d = torch.zeros(n, dtype=torch.float64, device=dev)
+    sum_d2 = torch.zeros(n, dtype=torch.float64, device=dev)
+    sum_ref2 = torch.zeros(n, dtype=torch.float64, device=dev)
+    count = 0
+    bias_f = runner.roots[0].get_submodule(runner.nodes[idx].target).bias
+    for c in range(n_chunks):
+        yf, yq = runner.run_node(idx, c)
+        runner.free(idx, c)
+        dims = [i for i in range(yf.dim()) if i != (ch_dim % yf.dim())]
+        diff = yf - yq
+        ref = yf
+        if bias_f is not None:
+            ref = ref - bias_f.view([-1 if i == ch_dim % yf.dim() else 1 for i in range(yf.dim())])
+        sum_d += diff.sum(dims).double()
+        sum_d2 += torch.linalg.vector_norm(diff, dim=dims).double().pow(2)
+        sum_ref2 += torch.linalg.vector_norm(ref, dim=dims).double().pow(2)
+        count += yf.numel() // n
+    corr = torch.zeros_like(sum_d)
+    info = {}
+    if bias_correction and layer.bias is not None:
+        corr = sum_d / max(count, 1)
+        with torch.no_grad():
+            layer.bias.add_(corr.to(layer.bias.dtype))
+        node = runner.nodes[idx]
+        for c in range(n_chunks):
+            yq = runner.envs[c][1].get(node)
+            if yq is not None:
+                shape = [-1 if i == ch_dim % yq.dim() else 1 for i in range(yq.dim())]
+                yq.add_(corr.to(yq.dtype).view(shape))
+        info["bias_shift"] = round(float(corr.abs().mean()), 6)
+    err2 = sum_d2 - 2 * corr * sum_d + count * corr.pow(2)
+    info["rel_error"] = round(math.sqrt(max(float(err2.sum()), 0.0) / max(float(sum_ref2.sum()), 1e-30)), 6)
+    return info
