@@ -1,0 +1,749 @@
+"""AdaSG (``--method adasg``): data-free quantization as a zero-sum game between a generator and the quantized
+network (paper ../shared/papers/000_*, working summary ../shared/docs/methods.md section 1).
+
+Players: the frozen float teacher P (the loaded model, with its BatchNorm layers, whose running statistics
+drive the BN-statistics loss), the student Q (the QuantSim, trained in place) and a conditional ACGAN-style
+generator G. Each iteration, with z ~ N(0, I) and uniform labels y, x = G(z|y):
+
+- maximisation (G trains, Q fixed): ``L_G = a (L_ds + L_as) + b L_b + c L_BNS``;
+- minimisation (Q trains on x detached, G fixed): ``L_Q = tau^2 * mean(log C - H(softmax((z_p - z_q) / tau)))``,
+  the reference code's form of the paper's ``1 - H'(p_ds^tau)`` (see :func:`student_loss`);
+- the balance gap ``BG = R(after) - R(before)``, ``R = E[1 - H'(p_ds)]`` (same z and y re-evaluated after both
+  updates) and the disagreement ``E[H(p_ds)]`` are computed every iteration and shown per epoch.
+
+``loss="gdfq"`` is the baseline the paper improves on (G: cross-entropy on P + 0.1 BN statistics; Q: KL
+distillation at temperature tau), for comparisons at equal budget and seed.
+
+No real image is read: the student is initialised on synthetic samples only (per-channel MSE weight scales,
+then activation ranges from an EMA of min/max observed on generator samples during the warm-up epochs, where only
+G trains). The quantizers are the plan's deployable ones (symmetric per-channel weights with zero point 0,
+per-tensor activations), not the paper's asymmetric min-max ones; weight scales stay at their initial values and
+the weights train through the straight-through estimator, so ``sim.snap_weights()`` at the end makes them exact
+integers times the scales. The final student is the last one: nothing is selected on evaluation data.
+
+Runs are resumable: a checkpoint in ``ctx.work_dir`` after every epoch; Ctrl-C finishes the current iteration,
+writes a checkpoint and re-raises KeyboardInterrupt (the pipeline then leaves no partial recipe); ``--resume``
+continues it, and with the same seed gives the same result as an uninterrupted run (CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from qexport.calibrators import register_calibrator
+from qexport.calibrators.base import CalibrationContext, calibrate_activations, set_weight_scales
+from qexport.errors import QexportError
+from qexport.progress import progress_bar
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CHECKPOINT = "adasg_checkpoint.pt"
+
+
+def parse_duration(text: str | None) -> float | None:
+    """``30m``, ``2h``, ``90s``, ``1h30m`` or plain seconds -> seconds (None stays None)."""
+    if text is None:
+        return None
+    t = str(text).strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", t):
+        return float(t)
+    parts = re.findall(r"(\d+(?:\.\d+)?)([hms])", t)
+    if not parts or "".join(a + b for a, b in parts) != t:
+        raise QexportError(f"--time-budget {text!r} is not a duration; use e.g. 30m, 2h, 1h30m or 90s")
+    mult = {"h": 3600.0, "m": 60.0, "s": 1.0}
+    return sum(float(a) * mult[b] for a, b in parts)
+
+
+@dataclass(frozen=True)
+class AdaSGConfig:
+    """Options of ``adasg`` (paper defaults; methods.md section 1).
+
+    Attributes:
+        schedule: ``paper`` (400 epochs x 200 iterations, batch 16, 4 warm-up epochs, student lr 1e-4 decayed
+            x0.1 at epochs 100/200/300) or ``budget`` (shorter run; ``--epochs``/``--iters-per-epoch``/
+            ``--time-budget`` set its length and the decay milestones are scaled to it).
+        epochs: total epochs, warm-up included (default: 400 paper, 40 budget; with a time budget alone, as many
+            as fit).
+        iters_per_epoch: iterations per epoch (default 200 paper, 50 budget).
+        time_budget: wall-clock budget (``30m``, ``2h``): the epoch count is planned from the measured speed and
+            the run stops when it is spent.
+        loss: ``adasg`` or the ``gdfq`` baseline.
+        save_synthetic: also write this many synthetic images as an image folder in the recipe.
+        batch_size: generator batch (16 in the paper).
+        warmup_epochs: epochs where only G trains while activation ranges are observed (default 4 paper,
+            2 budget; 0 disables).
+        alpha, beta, gamma: weights of (L_ds + L_as), L_b and L_BNS in L_G (0.1, 1, 1).
+        lambda_l, lambda_u: bounds of the normalised disagreement entropy in L_b (0.3, 0.8).
+        tau: student temperature (20).
+        lr_g: generator Adam learning rate (1e-3, betas 0.5/0.999).
+        lr_q: student SGD-Nesterov learning rate (default 1e-4 paper, 1e-3 budget).
+        momentum, weight_decay: student SGD settings (0.9, 1e-4).
+        milestones: fractions of the run where the student lr is multiplied by ``gamma_lr`` (default: the
+            paper's 100/200/300 of 400 = 0.25, 0.5, 0.75; budget runs 0.5, 0.75, since a short run spends too
+            little time at the first rate otherwise).
+        gamma_lr: decay factor (0.1).
+        act_momentum: EMA momentum of the activation min/max during warm-up (0.9).
+        act_init: activation ranges at the end of warm-up: ``ema`` (EMA min/max, the paper) or ``mse`` /
+            ``percentile`` over synthetic samples from the warmed-up generator.
+        act_init_samples: synthetic samples for ``mse``/``percentile`` act_init.
+        weight_init: ``mse`` or ``minmax`` per-channel weight scales.
+        latent_dim: generator latent size (100).
+        grid_per_class: samples per class in the PNG grid.
+        bg_exact: measure R after the iteration on the same z, y (one more forward of G, P and Q per iteration);
+            by default R after iteration t is the R of iteration t+1's batch (free, noisier).
+    """
+
+    schedule: str = "budget"
+    epochs: int | None = None
+    iters_per_epoch: int | None = None
+    time_budget: str | None = None
+    loss: str = "adasg"
+    save_synthetic: int = 0
+    batch_size: int = 16
+    warmup_epochs: int | None = None
+    alpha: float = 0.1
+    beta: float = 1.0
+    gamma: float = 1.0
+    lambda_l: float = 0.3
+    lambda_u: float = 0.8
+    tau: float = 20.0
+    lr_g: float = 1e-3
+    lr_q: float | None = None
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    milestones: tuple[float, ...] | None = None
+    gamma_lr: float = 0.1
+    act_momentum: float = 0.9
+    act_init: str = "ema"
+    act_init_samples: int = 512
+    weight_init: str = "mse"
+    latent_dim: int = 100
+    grid_per_class: int = 8
+    bg_exact: bool = False
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("paper", "budget"):
+            raise QexportError(f"--schedule must be 'paper' or 'budget', got {self.schedule!r}")
+        if self.loss not in ("adasg", "gdfq"):
+            raise QexportError(f"--loss must be 'adasg' or 'gdfq', got {self.loss!r}")
+        if self.epochs is not None and self.epochs <= 0:
+            raise QexportError(f"--epochs must be positive, got {self.epochs}")
+        if self.iters_per_epoch is not None and self.iters_per_epoch <= 0:
+            raise QexportError(f"--iters-per-epoch must be positive, got {self.iters_per_epoch}")
+        if self.batch_size < 2:
+            raise QexportError(f"--batch-size must be at least 2 for AdaSG (batch statistics), got {self.batch_size}")
+        if self.save_synthetic < 0:
+            raise QexportError(f"--save-synthetic must be >= 0, got {self.save_synthetic}")
+        if not 0.0 <= self.lambda_l < self.lambda_u <= 1.0:
+            raise QexportError(f"need 0 <= lambda_l < lambda_u <= 1, got {self.lambda_l}, {self.lambda_u}")
+        if self.warmup_epochs is not None and self.warmup_epochs < 0:
+            raise QexportError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        if self.act_init not in ("ema", "mse", "percentile"):
+            raise QexportError(f"act_init must be ema, mse or percentile, got {self.act_init!r}")
+        if self.weight_init not in ("mse", "minmax"):
+            raise QexportError(f"weight_init must be mse or minmax, got {self.weight_init!r}")
+        budget = parse_duration(self.time_budget)
+        if budget is not None and budget <= 0:
+            raise QexportError(f"--time-budget must be positive, got {self.time_budget!r}")
+
+    @property
+    def warmup(self) -> int:
+        if self.warmup_epochs is not None:
+            return self.warmup_epochs
+        return 4 if self.schedule == "paper" else 2
+
+    @property
+    def milestone_fractions(self) -> tuple[float, ...]:
+        if self.milestones is not None:
+            return tuple(self.milestones)
+        return (0.25, 0.5, 0.75) if self.schedule == "paper" else (0.5, 0.75)
+
+    @property
+    def budget_seconds(self) -> float | None:
+        return parse_duration(self.time_budget)
+
+    def resolved(self) -> tuple[int | None, int, float]:
+        """(epochs or None when a time budget plans them, iterations per epoch, student lr)."""
+        paper = self.schedule == "paper"
+        ipe = self.iters_per_epoch or (200 if paper else 50)
+        lr_q = self.lr_q if self.lr_q is not None else (1e-4 if paper else 1e-3)
+        if self.epochs is not None:
+            epochs = self.epochs
+        elif self.time_budget is not None:
+            epochs = None
+        else:
+            epochs = 400 if paper else 40
+        return epochs, ipe, lr_q
+
+
+# ----------------------------------------------------------------------------------------------------- generator
+class Generator(nn.Module):
+    """Conditional ACGAN-style generator (the authors' CIFAR generator), size-generic.
+
+    z (latent_dim) times a label embedding -> Linear -> 128 x s x s -> BN -> [upsample x2, conv3x3, BN(eps 0.8),
+    LeakyReLU(0.2)] per stage (128 channels, the last 64) -> conv3x3 -> channels -> tanh -> BatchNorm(affine=False).
+    For 32x32 that is the paper's two stages from 8x8; larger inputs get more stages (224: five, from 7x7), and
+    sizes that do not divide are resized at the end.
+
+    Args:
+        num_classes: classes.
+        channels: image channels.
+        size: (H, W).
+        latent_dim: latent size.
+    """
+
+    def __init__(self, num_classes: int, channels: int, size: tuple[int, int], latent_dim: int = 100):
+        super().__init__()
+        h, w = size
+        n_up = 2
+        while min(h, w) / 2**n_up > 8 and h % 2 ** (n_up + 1) == 0 and w % 2 ** (n_up + 1) == 0:
+            n_up += 1
+        self.size = (h, w)
+        self.init = (max(1, math.ceil(h / 2**n_up)), max(1, math.ceil(w / 2**n_up)))
+        self.latent_dim, self.num_classes = latent_dim, num_classes
+        self.label_emb = nn.Embedding(num_classes, latent_dim)
+        self.l1 = nn.Linear(latent_dim, 128 * self.init[0] * self.init[1])
+        self.bn0 = nn.BatchNorm2d(128)
+        blocks = []
+        for i in range(n_up):
+            cout = 64 if i == n_up - 1 else 128
+            blocks += [nn.Upsample(scale_factor=2), nn.Conv2d(128, cout, 3, padding=1), nn.BatchNorm2d(cout, eps=0.8),
+                       nn.LeakyReLU(0.2)]
+        self.blocks = nn.Sequential(*blocks)
+        self.out = nn.Conv2d(64, channels, 3, padding=1)
+        self.out_bn = nn.BatchNorm2d(channels, affine=False)
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        h = self.label_emb(labels) * z
+        h = self.l1(h).view(z.shape[0], 128, *self.init)
+        h = self.blocks(self.bn0(h))
+        x = torch.tanh(self.out(h))
+        if tuple(x.shape[-2:]) != self.size:
+            x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
+        return self.out_bn(x)
+
+
+# -------------------------------------------------------------------------------------------------------- losses
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Per-row entropy (nats) of softmax(logits)."""
+    logp = F.log_softmax(logits, dim=1)
+    return -(logp.exp() * logp).sum(dim=1)
+
+
+def normalized_entropy(h: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The paper's H' (Eq. 4): ``(H - min_batch H) / (log C - min_batch H)``, the batch minimum detached.
+
+    Works for any batch size (the reference code hard-codes batch 16).
+    """
+    hmin = h.detach().min()
+    return (h - hmin) / (math.log(num_classes) - hmin).clamp(min=1e-8)
+
+
+def loss_ds(z_p: torch.Tensor, z_q: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Disagreement-sample loss (Eq. 8): ``CE(softmax(z_p - z_q), y)``."""
+    return F.cross_entropy(z_p - z_q, y)
+
+
+def loss_as(z_p: torch.Tensor, z_q: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Agreement-sample loss (Eq. 10): ``CE(softmax(z_p + z_q), y)``."""
+    return F.cross_entropy(z_p + z_q, y)
+
+
+def bound_loss(h_norm: torch.Tensor, lambda_l: float = 0.3, lambda_u: float = 0.8) -> torch.Tensor:
+    """Bound loss (Eq. 12) on normalised entropies H': ``mean(max(l - H', 0)) + mean(max(H' - u, 0))``."""
+    return F.relu(lambda_l - h_norm).mean() + F.relu(h_norm - lambda_u).mean()
+
+
+def student_loss(z_p: torch.Tensor, z_q: torch.Tensor, tau: float) -> torch.Tensor:
+    """Student loss (Eq. 15), in the reference code's form: ``tau^2 * mean(log C - H(softmax((z_p - z_q)/tau)))``.
+
+    Equal to ``tau^2 log C * mean(1 - H/log C)``, i.e. the paper's ``1 - H'`` with H' normalised by the fixed
+    maximum log C: the batch-minimum normalisation of Eq. 4 would divide the gradient by a near-zero, batch-dependent
+    number at tau = 20 (all entropies are close to log C), so the reference maximises the plain entropy.
+    """
+    c = z_p.shape[1]
+    return tau * tau * (math.log(c) - entropy((z_p - z_q) / tau)).mean()
+
+
+def kd_loss(z_p: torch.Tensor, z_q: torch.Tensor, tau: float) -> torch.Tensor:
+    """GDFQ student loss: ``tau^2 * KL(softmax(z_p/tau) || softmax(z_q/tau))`` (batch mean)."""
+    return tau * tau * F.kl_div(F.log_softmax(z_q / tau, 1), F.log_softmax(z_p / tau, 1), reduction="batchmean",
+                                log_target=True)
+
+
+class BNStatsHook:
+    """Forward hooks on every BatchNorm2d of the teacher: batch mean / biased variance of the input vs the running
+    statistics; ``loss()`` is the mean over layers of (MSE(mean) + MSE(var)) (the reference code's reduction)."""
+
+    def __init__(self, model: nn.Module):
+        self.terms: list[torch.Tensor] = []
+        self.handles = [m.register_forward_hook(self._hook) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+        self.active = True
+
+    def _hook(self, mod: nn.BatchNorm2d, inputs, output) -> None:
+        if not self.active:
+            return
+        x = inputs[0]
+        mean = x.mean(dim=(0, 2, 3))
+        var = x.var(dim=(0, 2, 3), unbiased=False)
+        self.terms.append(F.mse_loss(mean, mod.running_mean) + F.mse_loss(var, mod.running_var))
+
+    def loss(self) -> torch.Tensor:
+        out = torch.stack(self.terms).mean() if self.terms else torch.zeros(())
+        self.terms = []
+        return out
+
+    def clear(self) -> None:
+        self.terms = []
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+class EMARange:
+    """Activation-range observer: EMA of the per-batch min and max (first batch taken as is, no bias correction)."""
+
+    def __init__(self, momentum: float):
+        self.m = momentum
+        self.min: float | None = None
+        self.max: float | None = None
+
+    def __call__(self, x: torch.Tensor) -> None:
+        lo, hi = float(x.detach().min()), float(x.detach().max())
+        if self.min is None:
+            self.min, self.max = lo, hi
+        else:
+            self.min = self.m * self.min + (1 - self.m) * lo
+            self.max = self.m * self.max + (1 - self.m) * hi
+
+
+# --------------------------------------------------------------------------------------------------- calibrator
+class _Interrupt:
+    """SIGINT -> a flag checked between iterations (a second Ctrl-C interrupts at once)."""
+
+    def __init__(self):
+        self.flag = False
+        self._old = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.getsignal(signal.SIGINT)
+
+            def handler(signum, frame):
+                if self.flag:
+                    raise KeyboardInterrupt
+                self.flag = True
+
+            signal.signal(signal.SIGINT, handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False
+
+
+def _class_names(ctx: CalibrationContext, n: int) -> list[str]:
+    spec = str(getattr(ctx.model, "spec", ""))
+    if n == 10 and spec.startswith("cifar"):
+        return list(CIFAR10_CLASSES)
+    width = len(str(n - 1))
+    return [f"class_{i:0{width}d}" for i in range(n)]
+
+
+def _save_atomic(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _milestone_epochs(cfg: AdaSGConfig, epochs: int) -> list[int]:
+    return sorted({max(1, int(round(f * epochs))) for f in cfg.milestone_fractions})
+
+
+class AdaSGTrainer:
+    """The game loop; one instance per calibration run (see the module docstring)."""
+
+    def __init__(self, ctx: CalibrationContext, cfg: AdaSGConfig):
+        self.ctx, self.cfg = ctx, cfg
+        self.device = torch.device(ctx.device)
+        loaded = ctx.model
+        self.num_classes = int(loaded.num_classes or 0)
+        if self.num_classes < 2:
+            raise QexportError("--method adasg needs a classifier with a known number of classes (>= 2)")
+        c, h, w = loaded.input_shape
+        self.teacher = loaded.model.to(self.device).eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        if not any(isinstance(m, nn.BatchNorm2d) for m in self.teacher.modules()) and cfg.gamma > 0:
+            raise QexportError("--method adasg needs a teacher with BatchNorm layers (BN-statistics loss); "
+                               "this model has none")
+        self.sim = ctx.sim.to(self.device).eval()
+        self.epochs, self.ipe, self.lr_q = cfg.resolved()
+        self.budget = cfg.budget_seconds
+        torch.manual_seed(ctx.seed)
+        self.G = Generator(self.num_classes, c, (h, w), cfg.latent_dim).to(self.device)
+        self.gen = torch.Generator(device="cpu").manual_seed(ctx.seed + 1)
+        self.q_params = [p for layer in self.sim.layers().values() for p in (layer.weight, layer.bias) if p is not None]
+        for p in self.sim.parameters():
+            p.requires_grad_(False)
+        for p in self.q_params:
+            p.requires_grad_(True)
+        self.opt_g = torch.optim.Adam(self.G.parameters(), lr=cfg.lr_g, betas=(0.5, 0.999))
+        self.opt_q = torch.optim.SGD(self.q_params, lr=self.lr_q, momentum=cfg.momentum, nesterov=True,
+                                     weight_decay=cfg.weight_decay)
+        self.bns = BNStatsHook(self.teacher)
+        self.ema = {name: EMARange(cfg.act_momentum) for name in self.sim.act_quantizers()}
+        self.epoch, self.it, self.elapsed = 0, 0, 0.0
+        self.history: list[dict] = []
+        self.acts_frozen = False
+        self.epoch_acc: dict[str, float] = {}
+        self.r_prev: float | None = None
+
+    # ------------------------------------------------------------------------------------------------ state
+    def state(self) -> dict:
+        return {"version": 1, "G": self.G.state_dict(), "sim": self.sim.state_dict(), "opt_g": self.opt_g.state_dict(),
+                "opt_q": self.opt_q.state_dict(), "epoch": self.epoch, "it": self.it, "epochs": self.epochs,
+                "elapsed": self.elapsed, "history": self.history, "acts_frozen": self.acts_frozen,
+                "ema": {k: (v.min, v.max) for k, v in self.ema.items()}, "gen": self.gen.get_state(),
+                "epoch_acc": self.epoch_acc, "r_prev": self.r_prev, "config": asdict(self.cfg), "seed": self.ctx.seed}
+
+    def load(self, st: dict) -> None:
+        if st.get("seed") != self.ctx.seed or st.get("config") != asdict(self.cfg):
+            raise QexportError("--resume: the checkpoint was written with other options or another seed; "
+                               "rerun with the same ones (or without --resume)")
+        self.G.load_state_dict(st["G"])
+        self.sim.load_state_dict(st["sim"])
+        self.opt_g.load_state_dict(st["opt_g"])
+        self.opt_q.load_state_dict(st["opt_q"])
+        self.epoch, self.it, self.epochs = st["epoch"], st["it"], st["epochs"]
+        self.elapsed, self.history, self.acts_frozen = st["elapsed"], st["history"], st["acts_frozen"]
+        for k, (lo, hi) in st["ema"].items():
+            self.ema[k].min, self.ema[k].max = lo, hi
+        self.gen.set_state(st["gen"])
+        self.epoch_acc, self.r_prev = st["epoch_acc"], st["r_prev"]
+
+    def save_checkpoint(self) -> None:
+        if self.ctx.work_dir is not None:
+            Path(self.ctx.work_dir).mkdir(parents=True, exist_ok=True)
+            _save_atomic(self.state(), Path(self.ctx.work_dir) / CHECKPOINT)
+
+    # ------------------------------------------------------------------------------------------------- pieces
+    def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        z = torch.randn(n, self.cfg.latent_dim, generator=self.gen).to(self.device)
+        y = torch.randint(0, self.num_classes, (n,), generator=self.gen).to(self.device)
+        return z, y
+
+    def lr_for_epoch(self, epoch: int) -> float:
+        """Student lr at ``epoch`` (0-based): decayed at the scaled milestones of the planned length."""
+        if self.epochs is None:
+            return self.lr_q
+        k = sum(1 for m in _milestone_epochs(self.cfg, self.epochs) if epoch >= m)
+        return self.lr_q * self.cfg.gamma_lr**k
+
+    def disagreement_r(self, z_p: torch.Tensor, z_q: torch.Tensor) -> tuple[float, float]:
+        """(R = mean(1 - H'(p_ds)), mean H(p_ds)) of a batch."""
+        h = entropy(z_p - z_q)
+        return float((1 - normalized_entropy(h, self.num_classes)).mean()), float(h.mean())
+
+    def freeze_activation_ranges(self) -> None:
+        """End of warm-up: set activation scales (EMA min/max, or a search on synthetic samples) and freeze them."""
+        aqs = self.sim.act_quantizers()
+        if self.cfg.act_init == "ema":
+            for name, aq in aqs.items():
+                r, sp = self.ema[name], aq.spec
+                lo, hi = (r.min or 0.0), (r.max or 0.0)
+                amax = max(abs(lo), abs(hi)) if sp.signed else max(hi, 0.0)
+                with torch.no_grad():
+                    aq.scale.fill_(max(amax / sp.qmax, 1e-8))
+            self.sim.apply_shared_scales()
+        else:
+            xs = []
+            with torch.no_grad():
+                self.G.train()
+                n = self.cfg.act_init_samples
+                while sum(x.shape[0] for x in xs) < n:
+                    z, y = self.sample(min(64, n))
+                    xs.append(self.G(z, y).cpu())
+            calibrate_activations(self.sim, torch.cat(xs)[:n], self.cfg.act_init, quiet=True, seed=self.ctx.seed,
+                                  device=str(self.device), batch_size=64)
+        self.acts_frozen = True
+
+    def _student(self, x: torch.Tensor, warm: bool) -> torch.Tensor:
+        if not warm:
+            return self.sim(x)
+        with self.sim.quant_disabled(weights=False, acts=True):  # warm-up: float activations, ranges observed
+            for name, aq in self.sim.act_quantizers().items():
+                aq.observer = self.ema[name]
+            try:
+                return self.sim(x)
+            finally:
+                for aq in self.sim.act_quantizers().values():
+                    aq.observer = None
+
+    def iteration(self, warm: bool) -> dict[str, float]:
+        """One game step: G update (maximisation), then Q update (minimisation) on the same, detached samples.
+
+        One forward of each network serves both updates: the G gradients and the Q gradients are taken separately
+        (``torch.autograd.grad``), so Q's step uses x as G made it before its update, exactly as with x detached.
+        """
+        cfg, C = self.cfg, self.num_classes
+        z, y = self.sample(cfg.batch_size)
+        self.G.train()
+        x = self.G(z, y)
+        self.bns.clear()
+        z_p = self.teacher(x)
+        l_bns = self.bns.loss()
+        z_q = self._student(x, warm)
+        h = entropy(z_p - z_q)
+        hn = normalized_entropy(h, C)
+        r_now = float((1 - hn.detach()).mean())
+        if cfg.loss == "adasg":
+            l_ds, l_as = loss_ds(z_p, z_q, y), loss_as(z_p, z_q, y)
+            l_b = bound_loss(hn, cfg.lambda_l, cfg.lambda_u)
+            l_g = cfg.alpha * (l_ds + l_as) + cfg.beta * l_b + cfg.gamma * l_bns
+            parts = {"ds": l_ds.item(), "as": l_as.item(), "b": l_b.item()}
+        else:
+            l_ce = F.cross_entropy(z_p, y)
+            l_g = l_ce + 0.1 * l_bns
+            parts = {"ce": l_ce.item()}
+        g_params = [p for p in self.G.parameters()]
+        l_q_val = 0.0
+        if warm:
+            grads_g = torch.autograd.grad(l_g, g_params)
+        else:
+            grads_g = torch.autograd.grad(l_g, g_params, retain_graph=True)
+            zpd = z_p.detach()
+            l_q = student_loss(zpd, z_q, cfg.tau) if cfg.loss == "adasg" else kd_loss(zpd, z_q, cfg.tau)
+            grads_q = torch.autograd.grad(l_q, self.q_params)
+            for p, g in zip(self.q_params, grads_q):
+                p.grad = g
+            self.opt_q.step()
+            l_q_val = l_q.item()
+        for p, g in zip(g_params, grads_g):
+            p.grad = g
+        self.opt_g.step()
+        # balance gap: BG = R(after the iteration) - R(before); R after this iteration is measured on the next
+        # iteration's batch (no extra forward); cfg.bg_exact re-evaluates the same z, y with the updated players.
+        if cfg.bg_exact:
+            with torch.no_grad():
+                self.bns.active = False
+                try:
+                    x2 = _generate_no_stats(self.G, z, y)
+                    r_after, _ = self.disagreement_r(self.teacher(x2), self._student_nograd(x2, warm))
+                finally:
+                    self.bns.active = True
+            bg = r_after - r_now
+        else:
+            bg = r_now - self.r_prev if self.r_prev is not None else 0.0
+        self.r_prev = r_now
+        agree = float((z_p.argmax(1) == z_q.argmax(1)).float().mean())
+        return {"L_G": l_g.item(), "L_Q": l_q_val, "BNS": l_bns.item(), "BG": bg,
+                "H": float(h.mean()), "R": r_now, "agree": agree, **parts}
+
+    def _student_nograd(self, x: torch.Tensor, warm: bool) -> torch.Tensor:
+        if warm:
+            with self.sim.quant_disabled(weights=False, acts=True):
+                return self.sim(x)
+        return self.sim(x)
+
+    # -------------------------------------------------------------------------------------------------- run
+    def plan_epochs(self, epoch_seconds: float) -> None:
+        """With a time budget and no --epochs: fix the epoch count from the measured epoch time."""
+        left = self.budget - self.elapsed
+        self.epochs = max(self.epoch + 1, self.epoch + int(left // max(epoch_seconds, 1e-6)))
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        ckpt = Path(self.ctx.work_dir) / CHECKPOINT if self.ctx.work_dir is not None else None
+        if self.ctx.resume and ckpt is not None and ckpt.is_file():
+            self.load(torch.load(ckpt, map_location=self.device, weights_only=False))
+        elif self.ctx.resume:
+            raise QexportError(f"--resume: no AdaSG checkpoint in {self.ctx.work_dir}")
+        else:
+            set_weight_scales(self.sim, cfg.weight_init)
+            if cfg.warmup == 0:
+                self.freeze_activation_ranges()
+        interrupt_after = self.ctx.extras.get("adasg_interrupt_after")  # tests: simulate Ctrl-C after N iterations
+        with _Interrupt() as intr, progress_bar((self.epochs or 1) * self.ipe, f"adasg ({cfg.loss})",
+                                                self.ctx.quiet) as bar:
+            bar.advance(self.epoch * self.ipe + self.it)
+            done_iters = 0
+            while self.epochs is None or self.epoch < self.epochs:
+                warm = self.epoch < cfg.warmup
+                for g in self.opt_q.param_groups:
+                    g["lr"] = self.lr_for_epoch(self.epoch)
+                t0 = time.time()
+                while self.it < self.ipe:
+                    stats = self.iteration(warm)
+                    self.it += 1
+                    done_iters += 1
+                    for k, v in stats.items():
+                        self.epoch_acc[k] = self.epoch_acc.get(k, 0.0) + v
+                    self.epoch_acc["n"] = self.epoch_acc.get("n", 0.0) + 1
+                    self.elapsed += time.time() - t0
+                    t0 = time.time()
+                    tot = f"/{self.epochs}" if self.epochs is not None else ""
+                    bar.advance(1, info=(f"ep {self.epoch + 1}{tot}{' warm-up' if warm else ''} L_G {stats['L_G']:.3f} "
+                                         f"L_Q {stats['L_Q']:.4f} BG {stats['BG']:+.3f} H {stats['H']:.3f}"))
+                    if interrupt_after is not None and done_iters >= interrupt_after:
+                        intr.flag = True
+                    if intr.flag:
+                        self.save_checkpoint()
+                        raise KeyboardInterrupt
+                    if self.budget is not None and self.elapsed >= self.budget and not warm:
+                        break
+                n = max(self.epoch_acc.pop("n", 1.0), 1.0)
+                row = {"epoch": self.epoch + 1, "warmup": warm, "lr_q": self.opt_q.param_groups[0]["lr"],
+                       **{k: round(v / n, 5) for k, v in self.epoch_acc.items()}, "seconds": round(self.elapsed, 1)}
+                self.history.append(row)
+                if not self.ctx.quiet:
+                    bar_print(row)
+                self.epoch_acc = {}
+                self.epoch += 1
+                self.it = 0
+                if warm and self.epoch == cfg.warmup:
+                    self.freeze_activation_ranges()
+                if self.budget is not None and cfg.epochs is None and self.epoch == cfg.warmup + 1:
+                    prev = self.history[-2]["seconds"] if len(self.history) > 1 else 0.0
+                    self.plan_epochs(self.history[-1]["seconds"] - prev)
+                    bar.update(total=self.epochs * self.ipe)
+                elif self.epochs is None:
+                    bar.update(total=(self.epoch + 1) * self.ipe)
+                out_of_time = self.budget is not None and self.elapsed >= self.budget and self.epoch > cfg.warmup
+                self.save_checkpoint()
+                if out_of_time:
+                    break
+            if not self.acts_frozen:
+                self.freeze_activation_ranges()
+        return self.finish()
+
+    def finish(self) -> dict:
+        cfg, ctx = self.cfg, self.ctx
+        self.bns.remove()
+        for p in self.sim.parameters():
+            p.requires_grad_(False)
+        self.sim.snap_weights()
+        ctx.sim = self.sim
+        metrics = {"loss": cfg.loss, "epochs_run": self.epoch, "iters_per_epoch": self.ipe,
+                   "iterations": self.epoch * self.ipe, "train_seconds": round(self.elapsed, 1),
+                   "lr_q": self.lr_q, "weights": cfg.weight_init, "activations": f"{cfg.act_init} (synthetic)"}
+        if self.history:
+            last = self.history[-1]
+            metrics.update({f"final_{k}": last[k] for k in ("L_G", "L_Q", "BG", "H", "agree") if k in last})
+        if ctx.artifact_dir is not None:
+            self.write_artifacts(Path(ctx.artifact_dir))
+        return metrics
+
+    def write_artifacts(self, out: Path) -> None:
+        from safetensors.torch import save_file
+
+        cfg = self.cfg
+        G = self.G.cpu()
+        save_file({k: v.detach().contiguous() for k, v in G.state_dict().items()}, str(out / "generator.safetensors"),
+                  metadata={"num_classes": str(self.num_classes), "latent_dim": str(cfg.latent_dim),
+                            "size": json.dumps(list(G.size)), "channels": str(G.out.out_channels)})
+        (out / "adasg_history.json").write_text(json.dumps({"config": _jsonable(asdict(cfg)), "history": self.history},
+                                                           indent=1))
+        classes = _class_names(self.ctx, self.num_classes)
+        gen = torch.Generator().manual_seed(self.ctx.seed + 7)
+        k = max(1, cfg.grid_per_class)
+        with torch.no_grad():
+            y = torch.arange(self.num_classes).repeat_interleave(k)
+            x = _generate_batches(G, y, cfg.latent_dim, gen)
+        save_grid(x, self.ctx.model.preprocess, self.num_classes, k, out / "samples_grid.png")
+        if cfg.save_synthetic:
+            from qexport.data.synthetic import save_image_folder
+
+            with torch.no_grad():
+                y = torch.randint(0, self.num_classes, (cfg.save_synthetic,), generator=gen)
+                x = _generate_batches(G, y, cfg.latent_dim, gen)
+            save_image_folder(x, y, classes, self.ctx.model.preprocess, out / "synthetic")
+        G.to(self.device)
+
+
+def _generate_no_stats(G: Generator, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """G(z|y) with batch statistics (train mode) but without touching the BN running statistics."""
+    saved = [(m, m.momentum) for m in G.modules() if isinstance(m, nn.BatchNorm2d)]
+    for m, _ in saved:
+        m.momentum = 0.0
+    try:
+        return G(z, y)
+    finally:
+        for m, mom in saved:
+            m.momentum = mom
+
+
+def _generate_batches(G: Generator, y: torch.Tensor, latent_dim: int, gen: torch.Generator, bs: int = 64) -> torch.Tensor:
+    """Images for labels ``y`` in batches (batch statistics, as in training; running stats untouched)."""
+    xs = []
+    for i in range(0, y.shape[0], bs):
+        yy = y[i : i + bs]
+        z = torch.randn(yy.shape[0], latent_dim, generator=gen)
+        if yy.shape[0] == 1:  # batch statistics need two samples
+            xs.append(_generate_no_stats(G, torch.cat([z, z]), torch.cat([yy, yy]))[:1])
+        else:
+            xs.append(_generate_no_stats(G, z, yy))
+    return torch.cat(xs)
+
+
+def save_grid(x: torch.Tensor, preprocess, rows: int, cols: int, path: Path) -> None:
+    """A PNG grid: one row per class, ``cols`` samples each, de-normalised with ``preprocess``."""
+    from PIL import Image
+
+    mean = torch.tensor(preprocess.mean).view(1, -1, 1, 1)
+    std = torch.tensor(preprocess.std).view(1, -1, 1, 1)
+    pix = ((x.float() * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
+    n, c, h, w = pix.shape
+    pad = 2
+    grid = torch.full((c, rows * (h + pad) + pad, cols * (w + pad) + pad), 255, dtype=torch.uint8)
+    for i in range(min(n, rows * cols)):
+        r, k = divmod(i, cols)
+        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + k * (w + pad): pad + k * (w + pad) + w] = pix[i]
+    arr = grid.permute(1, 2, 0).numpy()
+    img = Image.fromarray(arr[:, :, 0] if c == 1 else arr, mode="L" if c == 1 else "RGB")
+    if h < 64:  # small inputs: enlarge for a person to look at
+        img = img.resize((img.width * 3, img.height * 3), Image.NEAREST)
+    img.save(path)
+
+
+def bar_print(row: dict) -> None:
+    import sys
+
+    keys = ("L_G", "L_Q", "BNS", "BG", "H", "agree")
+    sys.stderr.write(f"epoch {row['epoch']}{' (warm-up)' if row['warmup'] else ''}: "
+                     + " ".join(f"{k} {row[k]:.4f}" for k in keys if k in row)
+                     + f" lr_q {row['lr_q']:.1e} t {row['seconds']:.0f}s\n")
+
+
+def _jsonable(d: dict) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+
+
+@register_calibrator("adasg", config=AdaSGConfig, needs_data=False,
+                     summary="data-free: generator vs quantized net zero-sum game (AdaSG), resumable; --loss gdfq baseline")
+def calibrate_adasg(ctx: CalibrationContext, cfg: AdaSGConfig) -> dict:
+    """AdaSG calibration (data-free; see the module docstring).
+
+    Args:
+        ctx: calibration context (ctx.data is None: no real image is read).
+        cfg: options.
+
+    Returns:
+        Metrics for the recipe.
+    """
+    if ctx.data is not None:
+        raise QexportError("--method adasg is data-free and takes no calibration images")
+    return AdaSGTrainer(ctx, cfg).run()
