@@ -149,8 +149,15 @@ def weight_absmax_scale(w: torch.Tensor, qmax: int) -> torch.Tensor:
     return torch.clamp(amax, min=1e-8) / qmax
 
 
-def weight_mse_scale(w: torch.Tensor, qmin: int, qmax: int, grid: int = 100, lo: float = 0.2) -> torch.Tensor:
-    """Per-output-channel scale minimising the squared weight quantization error over clip ratios.
+# Exponent of the clipping error searched by the ``mse`` modes. Plain squared error (p = 2) clips outliers too
+# hard: on ResNet-20 it cost 0.46 points at W8A8. p = 3 was the best of {2, 2.4, 3, 4, 6} at W4A8 and within
+# 0.25 points of the best at W8A8, measured on 2,846 held-out *training* images (never on evaluation images).
+DEFAULT_ERROR_NORM = 3.0
+
+
+def weight_mse_scale(w: torch.Tensor, qmin: int, qmax: int, grid: int = 100, lo: float = 0.2,
+                     p: float = DEFAULT_ERROR_NORM) -> torch.Tensor:
+    """Per-output-channel scale minimising the L^p weight quantization error over clip ratios.
 
     Args:
         w: weight (out, ...).
@@ -158,6 +165,7 @@ def weight_mse_scale(w: torch.Tensor, qmin: int, qmax: int, grid: int = 100, lo:
         qmax: highest level.
         grid: number of clip ratios tried in [lo, 1].
         lo: smallest clip ratio.
+        p: error exponent (2 = squared error).
 
     Returns:
         Per-channel scales.
@@ -168,7 +176,7 @@ def weight_mse_scale(w: torch.Tensor, qmin: int, qmax: int, grid: int = 100, lo:
     best = base.clone()
     for r in torch.linspace(lo, 1.0, grid):
         s = base * r
-        err = (fake_quant(w, channel_view(s, 2), qmin, qmax) - w).pow(2).sum(dim=1)
+        err = (fake_quant(w, channel_view(s, 2), qmin, qmax) - w).abs().pow(p).sum(dim=1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best = torch.where(better, s, best)
@@ -190,14 +198,15 @@ def act_scale_percentile(obs: RangeObserver, signed: bool, qmin: int, qmax: int,
     return max(amax / qmax, 1e-8)
 
 
-def act_scale_mse(obs: RangeObserver, signed: bool, qmin: int, qmax: int, grid: int = 100) -> float:
-    """Scale minimising the squared quantization error of the sampled values over clip ratios."""
+def act_scale_mse(obs: RangeObserver, signed: bool, qmin: int, qmax: int, grid: int = 100,
+                  p: float = DEFAULT_ERROR_NORM) -> float:
+    """Scale minimising the L^p quantization error of the sampled values over clip ratios."""
     v = obs.values()
     base = act_scale_minmax(obs, signed, qmin, qmax)
     best, best_err = base, float("inf")
     for r in torch.linspace(0.1, 1.0, grid):
         s = torch.tensor(base * float(r))
-        err = float((fake_quant(v, s, qmin, qmax) - v).pow(2).mean())
+        err = float((fake_quant(v, s, qmin, qmax) - v).abs().pow(p).mean())
         if err < best_err:
             best, best_err = float(s), err
     return max(best, 1e-8)

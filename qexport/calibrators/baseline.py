@@ -30,7 +30,10 @@ class PercentileConfig:
 
 @dataclass(frozen=True)
 class MSEConfig:
-    """Options of ``mse``: weight and activation clipping that minimises the quantization MSE."""
+    """Options of ``mse``: weight and activation clipping that minimises the quantization error.
+
+    The error is |x - q(x)|^p with p = 3 (``DEFAULT_ERROR_NORM``), not the plain square: see base.py for why.
+    """
 
     batch_size: int = 64
 
@@ -75,7 +78,7 @@ def calibrate_percentile(ctx: CalibrationContext, cfg: PercentileConfig) -> dict
 
 
 @register_calibrator("mse", config=MSEConfig, needs_data=True,
-                     summary="weight and activation clipping that minimises quantization MSE")
+                     summary="weight and activation clipping that minimises the quantization error (L^3)")
 def calibrate_mse(ctx: CalibrationContext, cfg: MSEConfig) -> dict:
     """MSE calibration.
 
