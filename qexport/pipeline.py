@@ -14,6 +14,7 @@ import torch
 
 from qexport.errors import QexportError
 from qexport.fileio import atomic_dir, check_output_free
+from qexport.progress import progress_bar
 from qexport.quant.spec import BitsConfig
 
 
@@ -115,7 +116,10 @@ def calibrate(cfg: CalibrateConfig) -> Path:
     data_fp = None
     if info.needs_data and cfg.data is not None:
         folder = ImageFolder(cfg.data, loaded.preprocess)
-        data, labels = load_tensor(folder, num_samples=cfg.num_samples, seed=cfg.seed)
+        count = min(cfg.num_samples, len(folder))
+        with progress_bar(count, "loading calibration images", cfg.quiet) as bar:
+            data, labels = load_tensor(folder, num_samples=cfg.num_samples, seed=cfg.seed,
+                                       progress=lambda done, total: bar.update(completed=done))
         data_fp = folder.fingerprint()
     sim = QuantSim(folded, plan)
     work = work_dir_for(Path(cfg.output))
