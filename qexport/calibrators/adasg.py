@@ -551,7 +551,7 @@ class AdaSGTrainer:
         self.r_prev = r_now
         agree = float((z_p.argmax(1) == z_q.argmax(1)).float().mean())
         return {"L_G": l_g.item(), "L_Q": l_q_val, "BNS": l_bns.item(), "BG": bg,
-                "H": float(h.mean()), "R": r_now, "agree": agree, **parts}
+                "H": h.mean().item(), "R": r_now, "agree": agree, **parts}
 
     def _student_nograd(self, x: torch.Tensor, warm: bool) -> torch.Tensor:
         if warm:

@@ -1,0 +1,283 @@
+"""AdaSG (``--method adasg``): losses, generator, checkpoint/resume, interrupt, determinism, no real image, smoke."""
+
+from __future__ import annotations
+
+import math
+import signal
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qexport import shared
+from qexport.calibrators.adasg import (
+    AdaSGConfig,
+    AdaSGTrainer,
+    CHECKPOINT,
+    Generator,
+    bound_loss,
+    entropy,
+    kd_loss,
+    loss_as,
+    loss_ds,
+    normalized_entropy,
+    parse_duration,
+    student_loss,
+)
+from qexport.errors import QexportError
+from qexport.pipeline import CalibrateConfig, calibrate, work_dir_for
+
+SKIP = "shared folder with the CIFAR-10 ResNet-20 checkpoint / test-dev images not found (set QEXPORT_SHARED)"
+TINY = "qexport.zoo.digits:digits_net"  # 1x16x16, 10 classes, BN layers; random weights are enough here
+
+
+# ------------------------------------------------------------------------------------------------------ losses
+def test_bound_loss_hand_made_values():
+    h = torch.tensor([0.0, 0.3, 0.5, 0.8, 1.0])
+    # lower: max(0.3 - h, 0) = [0.3, 0, 0, 0, 0] -> mean 0.06; upper: max(h - 0.8, 0) = [0, 0, 0, 0, 0.2] -> 0.04
+    assert bound_loss(h, 0.3, 0.8).item() == pytest.approx(0.1)
+    assert bound_loss(torch.tensor([0.4, 0.6]), 0.3, 0.8).item() == 0.0
+    # any batch size (the reference code only works at 16)
+    for n in (1, 3, 16, 33):
+        assert bound_loss(torch.full((n,), 0.1), 0.3, 0.8).item() == pytest.approx(0.2)
+
+
+def test_normalized_entropy_uses_batch_min_and_log_c():
+    c = 4
+    h = torch.tensor([0.5, 1.0, math.log(c)])
+    hn = normalized_entropy(h, c)
+    assert hn[0].item() == pytest.approx(0.0)
+    assert hn[2].item() == pytest.approx(1.0)
+    assert hn[1].item() == pytest.approx((1.0 - 0.5) / (math.log(c) - 0.5))
+
+
+def test_entropy_and_ds_as_definitions():
+    torch.manual_seed(0)
+    zp, zq = torch.randn(5, 7), torch.randn(5, 7)
+    y = torch.randint(0, 7, (5,))
+    p = torch.softmax(zp - zq, 1)
+    assert torch.allclose(entropy(zp - zq), -(p * p.log()).sum(1), atol=1e-6)
+    assert loss_ds(zp, zq, y).item() == pytest.approx(-torch.log_softmax(zp - zq, 1)[torch.arange(5), y].mean().item(), rel=1e-6)
+    assert loss_as(zp, zq, y).item() == pytest.approx(-torch.log_softmax(zp + zq, 1)[torch.arange(5), y].mean().item(), rel=1e-6)
+    assert entropy(torch.zeros(2, 7)).tolist() == pytest.approx([math.log(7)] * 2)
+
+
+def test_student_losses_vanish_when_student_equals_teacher():
+    zp = torch.randn(6, 10)
+    assert student_loss(zp, zp.clone(), 20.0).item() == pytest.approx(0.0, abs=1e-4)
+    assert student_loss(zp, zp + 3.0, 20.0).item() == pytest.approx(0.0, abs=1e-4)  # a constant shift agrees
+    assert student_loss(zp, torch.zeros_like(zp), 20.0).item() > 0
+    assert kd_loss(zp, zp.clone(), 20.0).item() == pytest.approx(0.0, abs=1e-5)
+    # gradient of the student loss pulls z_q towards z_p
+    zq = torch.zeros_like(zp, requires_grad=True)
+    student_loss(zp, zq, 20.0).backward()
+    assert F.cosine_similarity(-zq.grad.flatten(), (zp - zp.mean(1, keepdim=True)).flatten(), dim=0) > 0.9
+
+
+def test_config_validation_and_durations():
+    assert parse_duration("30m") == 1800 and parse_duration("2h") == 7200 and parse_duration("1h30m") == 5400
+    assert parse_duration("45") == 45
+    with pytest.raises(QexportError):
+        parse_duration("soon")
+    with pytest.raises(QexportError):
+        AdaSGConfig(loss="nope")
+    with pytest.raises(QexportError):
+        AdaSGConfig(schedule="fast")
+    with pytest.raises(QexportError):
+        AdaSGConfig(lambda_l=0.9, lambda_u=0.8)
+    assert AdaSGConfig(schedule="paper").resolved() == (400, 200, 1e-4)
+    assert AdaSGConfig(schedule="paper").warmup == 4
+    assert AdaSGConfig(schedule="paper").milestone_fractions == (0.25, 0.5, 0.75)
+    assert AdaSGConfig(time_budget="30m").resolved()[0] is None
+
+
+@pytest.mark.parametrize("size,channels,n_up", [((32, 32), 3, 2), ((16, 16), 1, 2), ((224, 224), 3, 5), ((30, 30), 3, 2)])
+def test_generator_sizes(size, channels, n_up):
+    g = Generator(10, channels, size)
+    assert sum(isinstance(m, torch.nn.Upsample) for m in g.modules()) == n_up
+    if size[0] <= 32:
+        x = g(torch.randn(4, 100), torch.arange(4))
+        assert tuple(x.shape) == (4, channels, *size)
+
+
+# ----------------------------------------------------------------------------------------- pipeline, tiny net
+def _tiny(tmp_path, name="r", **opts):
+    options = {"epochs": 3, "iters_per_epoch": 3, "warmup_epochs": 1, "batch_size": 8}
+    options.update(opts)
+    return CalibrateConfig(model=TINY, output=tmp_path / name, method="adasg", bits="w4a4", seed=0, quiet=True,
+                           device="cpu", options=options)
+
+
+def _tensors(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "tensors.safetensors"))
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_tiny_run_artifacts_integer_weights_and_no_real_image(tmp_path, monkeypatch):
+    # any attempt to read an image fails the run: AdaSG must not read one
+    import PIL.Image
+
+    import qexport.data.folder as folder
+
+    def boom(*a, **k):
+        raise AssertionError("AdaSG read an image")
+
+    monkeypatch.setattr(PIL.Image, "open", boom)
+    monkeypatch.setattr(folder.ImageFolder, "__init__", boom)
+    monkeypatch.setenv("QEXPORT_SHARED", str(tmp_path / "unreadable"))
+    out = calibrate(_tiny(tmp_path, save_synthetic=12))
+    for f in ("recipe.json", "tensors.safetensors", "generator.safetensors", "samples_grid.png", "adasg_history.json"):
+        assert (out / f).is_file(), f
+    monkeypatch.undo()
+    from qexport.data import ImageFolder
+
+    syn = ImageFolder(out / "synthetic", _pre())
+    assert len(syn) == 12 and syn.labelled
+    assert not work_dir_for(out).exists()  # checkpoints removed on success
+    import json
+
+    rec = json.loads((out / "recipe.json").read_text())
+    assert rec["provenance"]["data"] is None and rec["provenance"]["num_samples"] == 0
+    assert rec["metrics"]["epochs_run"] == 3
+
+
+def _pre():
+    from qexport.models import load_model
+
+    return load_model(TINY).preprocess
+
+
+def test_data_is_refused(tmp_path):
+    cfg = _tiny(tmp_path)
+    cfg = CalibrateConfig(**{**cfg.__dict__, "data": str(tmp_path)})
+    with pytest.raises(QexportError, match="data-free"):
+        calibrate(cfg)
+
+
+def test_same_seed_same_recipe_other_seed_differs(tmp_path):
+    a = calibrate(_tiny(tmp_path, "a"))
+    b = calibrate(_tiny(tmp_path, "b"))
+    assert _same(_tensors(a), _tensors(b))
+    c = calibrate(CalibrateConfig(**{**_tiny(tmp_path, "c").__dict__, "seed": 1}))
+    assert not _same(_tensors(a), _tensors(c))
+
+
+def _interrupt_after(monkeypatch, n):
+    """Deliver a real SIGINT (Ctrl-C) during the n-th iteration."""
+    orig = AdaSGTrainer.iteration
+    calls = {"n": 0}
+
+    def it(self, warm):
+        calls["n"] += 1
+        if calls["n"] == n:
+            signal.raise_signal(signal.SIGINT)
+        return orig(self, warm)
+
+    monkeypatch.setattr(AdaSGTrainer, "iteration", it)
+
+
+def test_interrupt_checkpoint_resume_equals_uninterrupted(tmp_path, monkeypatch):
+    full = calibrate(_tiny(tmp_path, "full"))
+    _interrupt_after(monkeypatch, 5)  # mid-epoch 2, after warm-up
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(_tiny(tmp_path, "cut"))
+    out = tmp_path / "cut"
+    assert not out.exists()  # no partial recipe
+    assert not list(tmp_path.glob(".cut.*.tmp"))
+    assert (work_dir_for(out) / CHECKPOINT).is_file()
+    st = torch.load(work_dir_for(out) / CHECKPOINT, weights_only=False)
+    assert (st["epoch"], st["it"]) == (1, 2)
+    monkeypatch.undo()
+    with pytest.raises(QexportError, match="other options"):
+        calibrate(CalibrateConfig(**{**_tiny(tmp_path, "cut", iters_per_epoch=4).__dict__, "resume": True}))
+    resumed = calibrate(CalibrateConfig(**{**_tiny(tmp_path, "cut").__dict__, "resume": True}))
+    assert _same(_tensors(full), _tensors(resumed))
+    assert not work_dir_for(out).exists()
+
+
+def test_resume_without_checkpoint_is_refused(tmp_path):
+    with pytest.raises(QexportError, match="resume"):
+        calibrate(CalibrateConfig(**{**_tiny(tmp_path).__dict__, "resume": True}))
+
+
+def test_gdfq_loss_runs(tmp_path):
+    out = calibrate(_tiny(tmp_path, "g", loss="gdfq", epochs=2))
+    import json
+
+    assert json.loads((out / "recipe.json").read_text())["metrics"]["loss"] == "gdfq"
+
+
+def test_cli_options_reach_the_config(tmp_path):
+    from typer.testing import CliRunner
+
+    from qexport.cli import app
+
+    res = CliRunner().invoke(app, ["calibrate", TINY, "--method", "adasg", "--bits", "w4a4", "--epochs", "2",
+                                   "--iters-per-epoch", "2", "--batch-size", "4", "--loss", "adasg", "--quiet",
+                                   "--device", "cpu", "-o", str(tmp_path / "cli")])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(app, ["calibrate", TINY, "--method", "adasg", "--time-budget", "soon", "--quiet",
+                                   "-o", str(tmp_path / "cli2")])
+    assert res.exit_code != 0
+
+
+# ------------------------------------------------------------------------------------------- ResNet-20 smoke
+@pytest.fixture(scope="module")
+def r20_eval():
+    ckpt, dev = shared.cifar_checkpoint(20), shared.cifar_images("test-dev")
+    if ckpt is None or dev is None:
+        pytest.skip(SKIP)
+    from qexport.data import load_tensor
+    from qexport.models import load_model
+
+    m = load_model("cifar:resnet20", str(ckpt))
+    x, y = load_tensor(dev, m.preprocess, num_samples=300, seed=0)
+    return m, x, y
+
+
+def _top1(model, x, y):
+    with torch.no_grad():
+        return float((model(x).argmax(1) == y).float().mean()) * 100
+
+
+def _smoke(r20_eval, tmp_path, **opts):
+    from qexport.calibrators.base import CalibrationContext
+    from qexport.models import fold_batchnorm
+    from qexport.quant.plan import build_plan
+    from qexport.quant.quantsim import QuantSim
+    from qexport.quant.spec import BitsConfig
+
+    m, x, y = r20_eval
+    folded = fold_batchnorm(m.model)
+    sim = QuantSim(folded, build_plan(folded, "onnxruntime", BitsConfig.parse("w4a4", None), ()))
+    ctx = CalibrationContext(sim=sim, folded=folded, model=m, data=None, labels=None, seed=0, quiet=True,
+                             work_dir=tmp_path / "work")
+    tr = AdaSGTrainer(ctx, AdaSGConfig(**opts))
+    start = {}
+    orig = tr.freeze_activation_ranges
+
+    def freeze():
+        orig()
+        start["top1"] = _top1(tr.sim, x, y)  # the min-max starting point (weights MSE, EMA act ranges, synthetic)
+
+    tr.freeze_activation_ranges = freeze
+    metrics = tr.run()
+    return start["top1"], _top1(ctx.sim, x, y), metrics
+
+
+def test_smoke_resnet20_w4a4_improves_over_starting_point(r20_eval, tmp_path):
+    """A few dozen iterations (2 contended CPU cores, < 60 s) raise top-1 on 300 test-dev images clearly."""
+    start, end, metrics = _smoke(r20_eval, tmp_path, epochs=4, iters_per_epoch=12, warmup_epochs=1,
+                                 milestones=(1.0,))
+    assert end >= start + 4.0, (start, end, metrics)
+
+
+@pytest.mark.slow
+def test_smoke_resnet20_w4a4_few_hundred_iterations(r20_eval, tmp_path):
+    start, end, metrics = _smoke(r20_eval, tmp_path, epochs=6, iters_per_epoch=50, warmup_epochs=1)
+    assert end >= start + 8.0, (start, end, metrics)
