@@ -202,10 +202,23 @@ def fusion_report(name: str, built: dict, threads: int) -> None:
         print(f"  {op:<24} {a[op]:>4} {b[op]:>4}{mark}")
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def print_results(results: dict, threads: int) -> None:
+    import os
+
     import onnxruntime as ort
 
-    print(f"\n== engine_speed ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {platform.processor() or platform.machine()}, "
+    print(f"\n== engine_speed ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {_cpu_name()}, "
+          f"{len(os.sched_getaffinity(0))} cores visible, "
           f"onnxruntime {ort.__version__}, {threads} threads; p50 latency per batch, interleaved in one process)")
     for name, r in results.items():
         s, b, t = r["stats"], r["batch"], TARGETS[name]
