@@ -213,7 +213,7 @@ def main() -> None:
     import click
 
     try:
-        typer.main.get_command(app).main(standalone_mode=False, prog_name="qexport")
+        sys.exit(typer.main.get_command(app).main(standalone_mode=False, prog_name="qexport") or 0)  # typer returns (not raises) the code of typer.Exit and of Ctrl-C (130) here
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except click.ClickException as e:  # usage errors: click's message, exit code 2
