@@ -7,8 +7,15 @@ of compiling again. The model is compiled from the in-memory model, whose cache 
 content and properties, not on the file path: the cache stays valid after the temporary build folder is renamed
 (a compile from the file path would key on the path and miss).
 
-Precision: OpenVINO picks the CPU's inference precision itself (bf16 on AMX CPUs, f32 elsewhere) unless
-``precision`` is given; the precision the compiled model actually uses is recorded in ``engine.json``.
+Precision (the parity fix of the ``openvino`` target, docs/openvino.md): left to itself, OpenVINO runs every
+part of a model that is not quantized in its CPU's preferred float type, bf16 on CPUs with AVX512-BF16/AMX. In
+a QDQ model those parts are the residual Add, the pooling, the bias/ReLU before a requantization: computed in
+bf16 (8 significant bits) they move values by up to half an 8-bit step before they are quantized again, so the
+engine stops computing what the file (and QuantSim) says. The INT8 model is therefore compiled with
+``INFERENCE_PRECISION_HINT=f32`` by default: the integer convolutions stay u8 x i8 (same speed), only the float
+glue runs in f32. The FP baseline model keeps OpenVINO's own default (``fp32_precision=None``), the FP engine a
+user would otherwise deploy. ``engine.json`` records, per model, the properties, the precision the compiled
+model reports and a count of the runtime precision of every executed node (``runtime_precisions``).
 """
 
 from __future__ import annotations
@@ -44,6 +51,32 @@ def _properties(threads: int, precision: str | None, cache_dir: Path) -> dict:
     if precision is not None:
         props["INFERENCE_PRECISION_HINT"] = precision
     return props
+
+
+def model_properties(meta: dict, which: str) -> dict:
+    """The compile properties recorded in ``engine.json`` for one model (``int8`` or ``fp32``)."""
+    per_model = meta.get("model_properties") or {}
+    return dict(per_model.get(which) or meta.get("properties") or {})
+
+
+def runtime_precisions(compiled) -> dict:
+    """``{layer type: {runtime precision: count}}`` of the executed graph of a compiled model."""
+    out: dict = {}
+    try:
+        ops = compiled.get_runtime_model().get_ordered_ops()
+    except Exception:  # noqa: BLE001
+        return out
+    for op in ops:
+        info = op.get_rt_info()
+        try:
+            kind, prec = info["layerType"].astype(str), info["runtimePrecision"].astype(str)
+        except Exception:  # noqa: BLE001
+            continue
+        if kind in ("Const", "Input", "Output"):
+            continue
+        out.setdefault(kind, {})
+        out[kind][prec] = out[kind].get(prec, 0) + 1
+    return out
 
 
 def _compile(xml: Path, props: dict):
@@ -107,8 +140,8 @@ class OpenVino(Runtime):
     """OpenVINO on the CPU plugin."""
 
     def build_engine(self, onnx_path: Path, out_dir: Path, *, fp32_onnx: Path | None = None,
-                     threads: int | None = None, force: bool = False, precision: str | None = None,
-                     dynamic_batch: bool = True, **opts) -> Path:
+                     threads: int | None = None, force: bool = False, precision: str | None = "f32",
+                     fp32_precision: str | None = None, dynamic_batch: bool = True, **opts) -> Path:
         """Convert to IR, compile once for the CPU and keep IR, compiled-model cache and ``engine.json``.
 
         Args:
@@ -117,8 +150,9 @@ class OpenVino(Runtime):
             fp32_onnx: the FP32 baseline ONNX, converted alongside when given.
             threads: ``INFERENCE_NUM_THREADS`` (None: all cores this process may use).
             force: replace an existing folder.
-            precision: ``INFERENCE_PRECISION_HINT`` (``"f32"``, ``"bf16"``, ``"f16"``); None leaves OpenVINO's
-                default (recorded).
+            precision: ``INFERENCE_PRECISION_HINT`` of the INT8 model (``"f32"``, default: the parity setting,
+                see the module docstring; ``"bf16"``, ``"f16"``; None leaves OpenVINO's default).
+            fp32_precision: the same for the FP baseline model (None, default: OpenVINO's default).
             dynamic_batch: make a static batch dim dynamic (kept static if the model cannot be reshaped).
             **opts: no other options are accepted.
 
@@ -128,13 +162,16 @@ class OpenVino(Runtime):
         ov = _ov()
         if opts:
             raise QexportError(f"unknown openvino option(s): {', '.join(sorted(opts))}")
-        if precision is not None and precision not in _PRECISIONS:
-            raise QexportError(f"unknown OpenVINO precision {precision!r}; choose one of {', '.join(_PRECISIONS)}")
+        for p in (precision, fp32_precision):
+            if p is not None and p not in _PRECISIONS:
+                raise QexportError(f"unknown OpenVINO precision {p!r}; choose one of {', '.join(_PRECISIONS)}")
+        hints = {"int8": precision, "fp32": fp32_precision}
         out_dir = check_output_free(out_dir, force)
         threads = resolve_threads(threads)
         ins, outs, sources = source_specs(onnx_path, fp32_onnx)
         models: dict = {"int8": None, "fp32": None}
         compiled_props: dict = {}
+        run_precisions: dict = {}
         with atomic_dir(out_dir, force=force) as tmp:
             for which, spec in sources.items():
                 src = spec["path"]
@@ -144,15 +181,17 @@ class OpenVino(Runtime):
                     outs = {**outs, "shape": _shape(model.outputs[0].get_partial_shape(), outs["shape"])}
                 models[which] = f"{which}.xml"
                 ov.save_model(model, str(tmp / models[which]), compress_to_fp16=False)
-                compiled = _compile(tmp / models[which], _properties(threads, precision, tmp / CACHE_DIR))
+                compiled = _compile(tmp / models[which], _properties(threads, hints[which], tmp / CACHE_DIR))
                 compiled_props[which] = _compiled_properties(compiled)
+                run_precisions[which] = runtime_precisions(compiled)
                 OpenVinoRunner(compiled, {"input": ins, "output": outs, "target": "openvino"}, which,
                                threads).infer(np.zeros([d if isinstance(d, int) and d > 0 else 1
                                                         for d in ins["shape"]], np.float32))
-            props = _properties(threads, precision, Path(CACHE_DIR))
+            props = {w: _properties(threads, hints[w], Path(CACHE_DIR)) for w in sources}
             meta = engine_meta("openvino", models, ins, outs, threads, {"openvino": ov.__version__},
                                Path(onnx_path), fp32_onnx and Path(fp32_onnx), io=io_names(sources), device=DEVICE,
-                               properties=props, compiled_properties=compiled_props,
+                               properties=props["int8"], model_properties=props,
+                               compiled_properties=compiled_props, runtime_precisions=run_precisions,
                                weights="IR saved with compress_to_fp16=False")
             write_engine_json(tmp, meta)
         return out_dir
@@ -190,7 +229,7 @@ class OpenVino(Runtime):
         _ov()
         meta = read_engine_meta(engine_dir, target="openvino", which=which)
         threads = resolve_threads(threads if threads is not None else meta.get("threads"))
-        props = dict(meta.get("properties") or {})
+        props = model_properties(meta, which)
         props["INFERENCE_NUM_THREADS"] = threads
         props["CACHE_DIR"] = str(Path(engine_dir).resolve() / props.get("CACHE_DIR", CACHE_DIR))
         compiled = _compile(Path(engine_dir) / meta["models"][which], props)

@@ -1,0 +1,245 @@
+"""Per-layer divergence: the first plan point where an engine stops computing what QuantSim computes.
+
+Every activation point of the plan is a Q/DQ pair in the exported file, whose Q output (``<point>.q``) holds the
+integer codes the engine really uses. This module exposes those tensors as extra outputs of the engine (the
+engine folder's own model: ORT's optimized file, OpenVINO's IR), runs a few images through it and through
+QuantSim, and compares the codes point by point, in plan (graph) order, in units of quantization steps.
+
+Float engines and QuantSim never agree to the last bit: a value that lies within float rounding of a rounding
+boundary flips by one step, and flips propagate and grow a little from block to block (with fp32 everywhere,
+about 1 % of codes differ by one step at the end of ResNet-20, a few by 2-4 steps). A point therefore
+*departs* when more than ``tolerance`` of its codes (default 0.5 %) are more than one step away from QuantSim,
+or when the mean absolute difference exceeds ``mean_steps`` (default 0.5 step). A wrong scale, a wrong zero
+point, a layer computed at a lower precision, a missing bias all depart at once, by many steps, on many
+values; the first point that departs names the layer to look at.
+
+Runtimes: ``onnxruntime`` and ``openvino`` (``register_exposer`` adds others). Adding outputs can change how
+a runtime fuses the graph; the report says how far the exposed engine's final output moved from the plain
+engine's (``exposed_output_max_diff``), so a reader knows how faithful the per-point codes are.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from qexport.errors import QexportError
+
+DEFAULT_TOLERANCE = 0.005
+DEFAULT_MEAN_STEPS = 0.5
+
+# runtime name -> fn(engine_dir, meta, tensor_names, threads) -> (callable x -> {name: array, "__output__": logits},
+#                                                                 set of names it exposes)
+_EXPOSERS: dict[str, Callable] = {}
+
+
+def register_exposer(target: str) -> Callable:
+    """Register how a runtime exposes intermediate tensors of its engine folder (decorator)."""
+
+    def deco(fn: Callable) -> Callable:
+        _EXPOSERS[target] = fn
+        return fn
+
+    return deco
+
+
+@register_exposer("onnxruntime")
+def _expose_ort(engine_dir: Path, meta: dict, names: list[str], threads: int | None):
+    import onnx
+
+    from qexport.runtimes.engine import resolve_threads
+    from qexport.runtimes.onnxrt import _session
+
+    path = Path(engine_dir) / meta["models"]["int8"]
+    model = onnx.load(str(path))
+    produced = {o for n in model.graph.node for o in n.output}
+    have = [n for n in names if n in produced]
+    existing = {o.name for o in model.graph.output}
+    for n in have:
+        if n not in existing:
+            model.graph.output.append(onnx.ValueInfoProto(name=n))
+    level = (meta.get("optimization") or {}).get("load", "ORT_ENABLE_ALL")
+    tmp = tempfile.TemporaryDirectory(prefix="qexport-div-")
+    mod_path = Path(tmp.name) / "exposed.onnx"
+    onnx.save(model, str(mod_path))
+    session = _session(mod_path, resolve_threads(threads if threads is not None else meta.get("threads")), level)
+    in_name = session.get_inputs()[0].name
+    out_names = [o.name for o in session.get_outputs()]
+
+    def run(x: np.ndarray) -> dict:
+        res = session.run(None, {in_name: x})
+        out = dict(zip(out_names, res))
+        out["__output__"] = res[0]
+        return out
+
+    run._keep = tmp  # the folder lives as long as the callable
+    return run, set(have)
+
+
+@register_exposer("openvino")
+def _expose_openvino(engine_dir: Path, meta: dict, names: list[str], threads: int | None):
+    from qexport.runtimes.engine import resolve_threads
+    from qexport.runtimes.openvino_rt import _ov, model_properties
+
+    ov = _ov()
+    core = ov.Core()
+    model = core.read_model(str(Path(engine_dir) / meta["models"]["int8"]))
+    tensors = {}
+    for op in model.get_ordered_ops():
+        for out in op.outputs():
+            for n in out.get_names():
+                tensors.setdefault(n, out)
+    have = [n for n in names if n in tensors]
+    if have:
+        model.add_outputs([tensors[n] for n in have])
+    props = model_properties(meta, "int8")
+    props.pop("CACHE_DIR", None)  # a throw-away model: keep the engine's cache clean
+    props["INFERENCE_NUM_THREADS"] = resolve_threads(threads if threads is not None else meta.get("threads"))
+    compiled = core.compile_model(model, "CPU", props)
+    request = compiled.create_infer_request()
+    outs = list(compiled.outputs)
+
+    def run(x: np.ndarray) -> dict:
+        request.infer({0: x})
+        res = {}
+        for i, o in enumerate(outs):
+            arr = np.array(request.get_output_tensor(i).data, copy=True)
+            if i == 0:
+                res["__output__"] = arr
+            for n in o.get_names():
+                res[n] = arr
+        return res
+
+    return run, set(have)
+
+
+def _sim_codes(sim, x: torch.Tensor) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """QuantSim's integer codes at every activation point (clamped levels, zero point 0) and its output."""
+    codes: dict[str, np.ndarray] = {}
+    handles = []
+    for name, aq in sim.act_quantizers().items():
+        def hook(mod, inp, out, name=name, aq=aq):
+            if aq.enabled:
+                codes[name] = torch.clamp(torch.round(inp[0] / aq.scale), aq.spec.qmin, aq.spec.qmax).numpy()
+        handles.append(aq.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            y = sim(x).numpy()
+    finally:
+        for h in handles:
+            h.remove()
+    return codes, y
+
+
+def _point_stats(eng: np.ndarray, ref: np.ndarray) -> dict:
+    d = np.abs(eng.astype(np.int64) - ref.astype(np.int64)).ravel()
+    return {"values": int(d.size), "frac_diff": float((d > 0).mean()), "frac_beyond_one_step": float((d > 1).mean()),
+            "mean_abs_steps": float(d.mean()), "max_abs_steps": int(d.max()) if d.size else 0}
+
+
+def first_divergent_layer(engine_dir: str | Path, recipe, sim, dataset, indices: Sequence[int], *,
+                          tolerance: float = DEFAULT_TOLERANCE, mean_steps: float = DEFAULT_MEAN_STEPS,
+                          batch_size: int = 32, threads: int | None = None) -> dict:
+    """Name the first activation point (and its layer) whose engine codes depart from QuantSim's.
+
+    Args:
+        engine_dir: an engine folder (``onnxruntime`` or ``openvino``, or a runtime with a registered exposer).
+        recipe: the QuantRecipe the engine was exported from.
+        sim: its QuantSim (eval mode).
+        dataset: a dataset of (image tensor, label) pairs.
+        indices: which images (a few dozen suffice).
+        tolerance: a point departs when more than this fraction of its codes are more than one step off.
+        mean_steps: ... or when the mean absolute difference exceeds this many steps.
+        batch_size: images per engine call.
+        threads: runtime threads (None: the engine's).
+
+    Returns:
+        ``summary`` (one line), ``point`` / ``layer`` / ``producer`` (None when nothing departs), ``points``
+        (per-point stats in plan order), ``criterion``, ``images``, ``target``, ``exposed_output_max_diff``.
+    """
+    from qexport.data import iter_batches
+    from qexport.export.qdq import act_encoding
+    from qexport.runtimes import load_engine, read_engine_meta
+
+    engine_dir = Path(engine_dir)
+    meta = read_engine_meta(engine_dir, which="int8")
+    target = meta["target"]
+    criterion = (f"a point departs when > {100 * tolerance:g} % of its codes are more than one quantization step "
+                 f"from QuantSim, or their mean difference exceeds {mean_steps:g} step")
+    base = {"target": target, "criterion": criterion, "images": len(indices), "point": None, "layer": None,
+            "producer": None, "points": []}
+    if target not in _EXPOSERS:
+        return {**base, "summary": f"per-layer divergence is not available for {target} engines"}
+    plan = recipe.plan
+    export_target = (meta.get("source_metadata") or {}).get("qexport.target") or plan.target
+    enc_target = "tensorrt" if export_target == "tensorrt" else "onnxruntime"
+    zero_point = {ap.name: act_encoding(ap.spec, enc_target)[1] for ap in plan.activations}
+    names = [f"{ap.name}.q" for ap in plan.activations]
+    run, exposed = _EXPOSERS[target](engine_dir, meta, names, threads)
+    plain = load_engine(engine_dir, "int8", threads)
+
+    eng_codes: dict[str, list] = {}
+    sim_codes: dict[str, list] = {}
+    out_diff = 0.0
+    sim.eval()
+    for x, _ in iter_batches(dataset, batch_size, list(indices)):
+        xn = x.numpy().astype(np.float32)
+        res = run(xn)
+        out_diff = max(out_diff, float(np.abs(res["__output__"] - plain.infer(xn)).max()))
+        sc, _ = _sim_codes(sim, x)
+        for ap in plan.activations:
+            sim_codes.setdefault(ap.name, []).append(sc[ap.name])
+            src = ap.name if f"{ap.name}.q" in exposed else ap.share_scale_with
+            if src is not None and f"{src}.q" in exposed:
+                eng_codes.setdefault(ap.name, []).append(res[f"{src}.q"].astype(np.int64) - zero_point[src])
+
+    consumers: dict[str, list[str]] = {}
+    for lp in plan.layers:
+        if lp.input_point:
+            consumers.setdefault(lp.input_point, []).append(lp.name)
+    rows, first, checked = [], None, 0
+    for ap in plan.activations:
+        row = {"point": ap.name, "role": ap.role, "bits": ap.spec.bits, "layers": consumers.get(ap.name, [])}
+        if ap.name not in eng_codes:
+            row["exposed"] = False
+            rows.append(row)
+            continue
+        e, s = np.concatenate(eng_codes[ap.name]), np.concatenate(sim_codes[ap.name])
+        if e.shape != s.shape:
+            row.update(exposed=True, shape_mismatch=[list(e.shape), list(s.shape)], departs=True)
+        else:
+            row.update(exposed=True, **_point_stats(e, s))
+            row["departs"] = row["frac_beyond_one_step"] > tolerance or row["mean_abs_steps"] > mean_steps
+        if ap.share_scale_with and f"{ap.name}.q" not in exposed:
+            row["read_from"] = ap.share_scale_with
+        rows.append(row)
+        if first is None:
+            checked += 1
+            if row["departs"]:
+                first = row
+    base.update(points=rows, exposed_output_max_diff=out_diff)
+    n_exposed = sum(1 for r in rows if r.get("exposed"))
+    if first is None:
+        worst = max((r for r in rows if r.get("exposed")), key=lambda r: r.get("frac_beyond_one_step", 0),
+                    default=None)
+        tail = (f"; largest: {worst['point']} with {100 * worst['frac_beyond_one_step']:.3f} % of codes beyond one "
+                f"step" if worst else "")
+        base["summary"] = (f"no layer departs from QuantSim: all {n_exposed} exposed activation points of the "
+                           f"{target} engine stay within one quantization step on {len(indices)} images{tail}")
+        return base
+    layer = (first["layers"] or [None])[0]
+    base.update(point=first["point"], layer=layer, producer=first["point"])
+    where = f"input of {', '.join(first['layers'])}" if first["layers"] else f"{first['role']} input of an Add"
+    if "shape_mismatch" in first:
+        detail = f"shape {first['shape_mismatch'][0]} vs QuantSim {first['shape_mismatch'][1]}"
+    else:
+        detail = (f"{100 * first['frac_beyond_one_step']:.2f} % of codes more than one step off QuantSim, mean "
+                  f"{first['mean_abs_steps']:.2f}, max {first['max_abs_steps']} steps")
+    base["summary"] = (f"first divergent layer: activation point '{first['point']}' ({where}) of the {target} "
+                       f"engine: {detail}; the {checked - 1} points before it agree within one step "
+                       f"({len(indices)} images)")
+    return base
