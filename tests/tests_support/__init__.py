@@ -1,0 +1,1 @@
+"""Helpers for the test suite: tiny factory models addressable as ``tests_support.models:<factory>``."""
