@@ -242,23 +242,24 @@ def quantize_layer(w: torch.Tensor, st: LayerStats, bits: int, qmin: int, qmax: 
         (integer levels (g, N, d), steps (g, N), chosen C (g, N), info with the sampled relative error).
     """
     w64 = w.to(st.h.dtype)
-    best = None
-    for c in c_values:
-        delta = step_sizes(w64, bits, c, per_channel)
-        k = gpfq_accumulated(w64, st.h, st.gm, delta, qmin, qmax)
-        err, ref = channel_errors(w64, k * delta[..., None], st)
-        cc = torch.full_like(delta, c)
-        if best is None:
-            best = [k, delta, cc, err, ref]
-            continue
-        if per_channel:
-            better = err < best[3]
-        else:
-            better = (err.sum() < best[3].sum()).expand_as(err)
-        best[0] = torch.where(better[..., None], k, best[0])
-        best[1] = torch.where(better, delta, best[1])
-        best[2] = torch.where(better, cc, best[2])
-        best[3] = torch.where(better, err, best[3])
+    g, n, d = w64.shape
+    nc = len(c_values)
+    # Every C at once: the greedy runs independently per output row and H, G are shared, so the candidates
+    # are stacked as extra rows (one pass of the column loop instead of one per C).
+    deltas = torch.stack([step_sizes(w64, bits, c, per_channel) for c in c_values], 1)  # (g, nc, N)
+    w_rep = w64[:, None].expand(g, nc, n, d).reshape(g, nc * n, d)
+    k_all = gpfq_accumulated(w_rep, st.h, st.gm, deltas.reshape(g, nc * n), qmin, qmax)
+    err_all, ref_all = channel_errors(w_rep, k_all * deltas.reshape(g, nc * n, 1), st)
+    err_all, ref = err_all.view(g, nc, n), ref_all.view(g, nc, n)[:, 0]
+    if per_channel:
+        pick = err_all.argmin(1)  # (g, N)
+    else:
+        pick = err_all.sum((0, 2)).argmin().expand(g, n)
+    k = k_all.view(g, nc, n, d).gather(1, pick[:, None, :, None].expand(g, 1, n, d))[:, 0]
+    delta = deltas.gather(1, pick[:, None])[:, 0]
+    err = err_all.gather(1, pick[:, None])[:, 0]
+    cc = torch.tensor(c_values, dtype=torch.float64, device=w.device)[pick]
+    best = (k, delta, cc, err, ref)
     k, delta, cc, err, ref = best
     rel = math.sqrt(float(err.sum()) / max(float(ref.sum()), 1e-30))
     return k, delta, cc, {"sampled_rel_error": rel}
