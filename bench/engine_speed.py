@@ -245,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="also run bench/engine_speed_openvino.py's main() (when that file exists)")
     args = ap.parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
+    bad = [m for m in models if m not in TARGETS]
+    if bad or not models:
+        ap.error(f"--models: unknown {', '.join(bad) or '(none given)'}; choose from {', '.join(TARGETS)}")
     with tempfile.TemporaryDirectory(prefix="qexport-bench-") as tmp:
         work = args.keep or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -267,7 +270,10 @@ def main(argv: list[str] | None = None) -> int:
         mod_spec = importlib.util.spec_from_file_location("engine_speed_openvino", ov)
         mod = importlib.util.module_from_spec(mod_spec)
         mod_spec.loader.exec_module(mod)
-        return int(mod.main([]) or 0)
+        import inspect
+
+        takes_args = bool(inspect.signature(mod.main).parameters)
+        return int((mod.main([]) if takes_args else mod.main()) or 0)
     return 0
 
 
