@@ -166,8 +166,7 @@ def _cli(args: list[str], cwd: Path, hide_tensorrt: bool = True) -> subprocess.C
         (shadow / "tensorrt").mkdir(parents=True, exist_ok=True)
         (shadow / "tensorrt" / "__init__.py").write_text("raise ImportError('No module named tensorrt')\n")
         env["PYTHONPATH"] = os.pathsep.join([str(shadow), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    code = "import sys; from qexport.cli import main; sys.argv = ['qexport'] + sys.argv[1:]; main()"
-    return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "qexport.cli", *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=300)
 
 
