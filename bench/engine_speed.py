@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fusion", action="store_true", help="print ORT-optimized node types of both INT8 files")
     ap.add_argument("--keep", type=Path, default=None, help="work folder to keep (default: a temporary one)")
     ap.add_argument("--openvino", action="store_true",
-                    help="also run bench/engine_speed_openvino.py's main() (when that file exists)")
+                    help="then run bench/engine_speed_openvino.py's main() with the same --iters/--threads")
     args = ap.parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     bad = [m for m in models if m not in TARGETS]
@@ -273,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         import inspect
 
         takes_args = bool(inspect.signature(mod.main).parameters)
-        return int((mod.main([]) if takes_args else mod.main()) or 0)
+        fwd = ["--iters", str(args.iters), "--threads", str(args.threads)]
+        return int((mod.main(fwd) if takes_args else mod.main()) or 0)
     return 0
 
 
