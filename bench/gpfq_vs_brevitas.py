@@ -74,6 +74,19 @@ def run_brevitas(folded, xc: torch.Tensor, bits: int, batch_size: int) -> tuple[
     return model.eval(), time.perf_counter() - t
 
 
+def time_only(args) -> None:
+    from qexport.models import fold_batchnorm, load_model
+
+    lm = load_model(args.time_only, input_size=args.input_size)
+    folded = fold_batchnorm(lm.model).eval()
+    gen = torch.Generator().manual_seed(0)
+    xc = torch.randn(args.num_samples, 3, args.input_size, args.input_size, generator=gen)
+    for b in args.bits:
+        _, t, m = run_qexport(folded, lm, xc, b, args.c)
+        print(f"{args.time_only} {args.input_size}x{args.input_size}, {len(xc)} images, W{b} GPFQ (c={args.c}): "
+              f"{t:.1f} s wall, {len(m['layers'])} layers, mean rel err {m['mean_rel_error']:.4f}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--depth", type=int, default=20)
@@ -84,8 +97,15 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=100, help="Brevitas calibration batch size")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-brevitas", action="store_true")
+    ap.add_argument("--time-only", metavar="MODEL", default=None,
+                    help="instead: time qexport GPFQ (W4, --c) on MODEL (e.g. torchvision:resnet18) with random "
+                         "weights and --num-samples random images of --input-size")
+    ap.add_argument("--input-size", type=int, default=224)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.time_only:
+        time_only(args)
+        return
 
     from qexport import shared
     from qexport.data import ImageFolder, load_tensor

@@ -193,17 +193,22 @@ def _rows(layer: nn.Module, x: torch.Tensor, xq: torch.Tensor, cfg: GPFQConfig, 
                 views.append(t.unfold(2, kh, sh).unfold(3, kw, sw).permute(0, 2, 3, 1, 4, 5))  # B, oh, ow, C, kh, kw
             b, oh, ow = views[0].shape[:3]
             keep = torch.rand(b, oh, ow, generator=gen) < cfg.patch_prob
+            if not bool(keep.any()):  # tiny feature maps: never sample nothing
+                keep[:] = True
             keep = keep.to(x.device)
+            dg = x.shape[1] * kh * kw // g
             out = []
             for v in views:
                 rows = v[keep] if cfg.patch_prob < 1.0 else v.reshape(b * oh * ow, *v.shape[3:])
                 m = rows.shape[0]
-                out.append(rows.reshape(m, g, -1).transpose(0, 1))  # (g, m, dg)
+                out.append(rows.reshape(m, g, dg).transpose(0, 1))  # (g, m, dg)
             return out[0], out[1]
         kw_ = dict(kernel_size=layer.kernel_size, dilation=layer.dilation, padding=pad, stride=stride)
         px, pxq = F.unfold(x, **kw_), F.unfold(xq, **kw_)  # (B, C*kh*kw, L)
         b, d, L = px.shape
         keep = torch.rand(b, L, generator=gen) < cfg.patch_prob if cfg.patch_prob < 1.0 else None
+        if keep is not None and not bool(keep.any()):
+            keep[:] = True
         out = []
         for p in (px, pxq):
             p = p.view(b, g, d // g, L).permute(1, 0, 3, 2)  # (g, B, L, dg)

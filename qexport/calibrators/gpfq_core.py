@@ -84,7 +84,7 @@ def gpfq_u_form(w: torch.Tensor, x: torch.Tensor, xq: torch.Tensor, delta: torch
 
 
 def gpfq_accumulated(w: torch.Tensor, h: torch.Tensor, gm: torch.Tensor, delta: torch.Tensor, qmin: int, qmax: int,
-                     block: int = 128) -> torch.Tensor:
+                     block: int = 32) -> torch.Tensor:
     """GPFQ from the accumulated products ``H = X~^T X~`` and ``G = X~^T X`` (memory independent of m).
 
     Args:
@@ -100,24 +100,32 @@ def gpfq_accumulated(w: torch.Tensor, h: torch.Tensor, gm: torch.Tensor, delta: 
         Integer levels (g, N, d) as floats; the same as :func:`gpfq_u_form` on the same data.
     """
     g, n, d = w.shape
-    # a[:, :, t] = sum_{j<=t} W_j G[t, j]: the float path's part, independent of the choices.
-    a = torch.matmul(w, torch.tril(gm).transpose(-1, -2))
+    # Layout (g, d, N): one column's values are contiguous over the N outputs.
+    # a[:, t] = sum_{j<=t} G[t, j] W_j: the float path's part, independent of the choices.
+    a = torch.matmul(torch.tril(gm), w.transpose(-1, -2))
     diag = torch.diagonal(h, dim1=-2, dim2=-1)  # (g, d)
-    k = torch.zeros_like(w)
-    for s in range(0, d, block):
-        e = min(s + block, d)
-        hb = h[:, s:e, s:e]  # (g, b, b)
-        ab = a[:, :, s:e].clone()  # running value of u X~_t for the block's columns
-        for i in range(e - s):
-            t = s + i
-            kt = _levels(ab[:, :, i], diag[:, t, None].expand(g, n), delta, qmin, qmax)
-            k[:, :, t] = kt
-            if i + 1 < e - s:
-                ab[:, :, i + 1 :] -= (kt * delta)[:, :, None] * hb[:, None, i + 1 :, i]
-        if e < d:
-            qb = k[:, :, s:e] * delta[:, :, None]  # (g, N, b)
-            a[:, :, e:] -= torch.matmul(qb, h[:, e:, s:e].transpose(-1, -2))
-    return k
+    kt_all = torch.zeros(g, d, n, dtype=w.dtype, device=w.device)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the column loop is many small ops: threading only adds barriers
+    try:
+        for s in range(0, d, block):
+            e = min(s + block, d)
+            hb = h[:, s:e, s:e]  # (g, b, b)
+            ab = a[:, s:e].clone()  # running value of u X~_t for the block's columns
+            for i in range(e - s):
+                t = s + i
+                kt = _levels(ab[:, i], diag[:, t, None].expand(g, n), delta, qmin, qmax)
+                kt_all[:, t] = kt
+                if i + 1 < e - s:
+                    ab[:, i + 1 :] -= hb[:, i + 1 :, i, None] * (kt * delta)[:, None, :]
+            if e < d:
+                qb = kt_all[:, s:e] * delta[:, None, :]  # (g, b, N)
+                torch.set_num_threads(threads)
+                a[:, e:] -= torch.matmul(h[:, e:, s:e], qb)
+                torch.set_num_threads(1)
+    finally:
+        torch.set_num_threads(threads)
+    return kt_all.transpose(-1, -2).contiguous()
 
 
 @dataclass
