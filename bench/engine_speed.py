@@ -99,8 +99,13 @@ def materialize_shared_initializers(src: Path, dst: Path) -> tuple[Path, int]:
 
 def ort_quantize(fp32_onnx: Path, out: Path, calib: np.ndarray) -> Path:
     """ONNX Runtime's own static quantizer: u8s8, per-channel weights, QDQ, MinMax."""
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     src, n = materialize_shared_initializers(fp32_onnx, out.with_name(out.stem + ".src.onnx"))
     if n:

@@ -167,6 +167,7 @@ def _cli(args: list[str], cwd: Path, hide_tensorrt: bool = True) -> subprocess.C
         (shadow / "tensorrt" / "__init__.py").write_text("raise ImportError('No module named tensorrt')\n")
         env["PYTHONPATH"] = os.pathsep.join([str(shadow), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return subprocess.run([sys.executable, "-m", "qexport.cli", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          check=False,
                           timeout=300)
 
 
@@ -265,7 +266,7 @@ def _fake_tensorrt(weight: torch.Tensor) -> types.ModuleType:
 
     class Engine:
         num_io_tensors = 2
-        names = ["input", "logits"]
+        names = ("input", "logits")
 
         def get_tensor_name(self, i):
             return self.names[i]
@@ -294,7 +295,8 @@ def _fake_tensorrt(weight: torch.Tensor) -> types.ModuleType:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda)")
 def test_tensorrt_runner_cuda_plumbing_with_fake_engine(tmp_path, monkeypatch):
-    from qexport.runtimes import load_engine, trt as trt_backend
+    from qexport.runtimes import load_engine
+    from qexport.runtimes import trt as trt_backend
 
     weight = torch.randn(3, 10, device="cuda")
     monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt(weight))
