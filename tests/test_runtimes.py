@@ -288,12 +288,16 @@ def test_openvino_build_load_infer_and_cached_reload(tmp_path, qdq_onnx, fp32_on
     assert two.threads == 2 and int(two.compiled.get_property("INFERENCE_NUM_THREADS")) == 2
 
 
-def test_openvino_default_precision_recorded(tmp_path, qdq_onnx):
+def test_openvino_default_precision_recorded(tmp_path, qdq_onnx, fp32_onnx):
     pytest.importorskip("openvino")
-    eng = get_runtime("openvino").build_engine(qdq_onnx, tmp_path / "ov", threads=1)
+    eng = get_runtime("openvino").build_engine(qdq_onnx, tmp_path / "ov", fp32_onnx=fp32_onnx, threads=1)
     meta = read_engine_meta(eng)
-    assert "INFERENCE_PRECISION_HINT" not in meta["properties"]
-    assert meta["compiled_properties"]["int8"]["INFERENCE_PRECISION_HINT"]
+    # INT8: f32 float glue by default (the parity setting, docs/openvino.md); FP baseline: OpenVINO's own default
+    assert meta["properties"]["INFERENCE_PRECISION_HINT"] == "f32"
+    assert "INFERENCE_PRECISION_HINT" not in meta["model_properties"]["fp32"]
+    assert meta["compiled_properties"]["int8"]["INFERENCE_PRECISION_HINT"] == "<Type: 'float32'>"
+    assert meta["compiled_properties"]["fp32"]["INFERENCE_PRECISION_HINT"]
+    assert meta["runtime_precisions"]["int8"]
     with pytest.raises(QexportError, match="precision"):
         get_runtime("openvino").build_engine(qdq_onnx, tmp_path / "x", precision="int4")
 
