@@ -216,3 +216,16 @@ def test_cli_gpfq_w4a8_exports_and_runs_onnxruntime(cifar, tmp_path):
                   "--bench-batch", "0", "-q", "--min-agreement", "97"]):
         r = subprocess.run(cli + args, capture_output=True, text=True)
         assert r.returncode == 0, (args[0], r.stdout[-2000:], r.stderr[-3000:])
+
+
+def test_errors_from_rows_match_moments():
+    w, x, xq = _problem(6, g=2, n=5, d=30, m=40)
+    q = torch.round(w * 3) / 3
+    with_rows = LayerStats.zeros(2, 30)
+    with_rows.add(x, xq)
+    assert with_rows.rows  # m < 3 d: rows kept
+    moments = LayerStats.zeros(2, 30)
+    moments.rows = None
+    moments.add(x, xq)
+    for a, b in zip(channel_errors(w, q, with_rows), channel_errors(w, q, moments)):
+        torch.testing.assert_close(a, b)

@@ -143,11 +143,13 @@ class LayerStats:
     gm: torch.Tensor
     f: torch.Tensor
     m: int = 0
+    rows: list | None = None  # the sampled rows themselves while they are few (cheaper exact errors)
+    max_row_elems: int = 1 << 24
 
     @classmethod
     def zeros(cls, g: int, d: int, dtype=torch.float64, device="cpu") -> "LayerStats":
         z = lambda: torch.zeros(g, d, d, dtype=dtype, device=device)  # noqa: E731
-        return cls(z(), z(), z(), 0)
+        return cls(z(), z(), z(), 0, [])
 
     def add(self, x: torch.Tensor, xq: torch.Tensor) -> None:
         """Add sampled rows: x, xq of shape (g, m, d)."""
@@ -157,6 +159,12 @@ class LayerStats:
         self.gm += torch.matmul(xqt, x).to(self.h.dtype)
         self.f += torch.matmul(x.transpose(-1, -2), x).to(self.h.dtype)
         self.m += x.shape[1]
+        if self.rows is not None:
+            g, _, d = self.h.shape
+            if self.m * g * d <= self.max_row_elems and self.m < 3 * d:
+                self.rows.append((x, xq))
+            else:
+                self.rows = None
 
 
 def channel_errors(w: torch.Tensor, q: torch.Tensor, st: LayerStats) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,6 +178,12 @@ def channel_errors(w: torch.Tensor, q: torch.Tensor, st: LayerStats) -> tuple[to
     Returns:
         (err (g, N), ref (g, N)).
     """
+    if st.rows:  # few rows (m < 3 d): from the rows, O(m d N) instead of O(d^2 N)
+        x = torch.cat([r[0] for r in st.rows], 1)
+        xq = torch.cat([r[1] for r in st.rows], 1)
+        yw = torch.matmul(x, w.to(x.dtype).transpose(-1, -2))  # (g, m, N)
+        diff = yw - torch.matmul(xq, q.to(x.dtype).transpose(-1, -2))
+        return diff.pow(2).sum(-2).to(st.h.dtype), yw.pow(2).sum(-2).to(st.h.dtype)
     w, q = w.to(st.h.dtype), q.to(st.h.dtype)
     ref = (torch.matmul(w, st.f) * w).sum(-1)
     cross = (torch.matmul(q, st.gm) * w).sum(-1)
