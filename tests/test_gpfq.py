@@ -130,10 +130,11 @@ def test_grouped_conv_model_runs():
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5)).eval()
     folded = fold_batchnorm(model)
     data = torch.randn(64, 3, 12, 12)
-    sim = QuantSim(folded, build_plan(folded, "onnxruntime", BitsConfig.parse("w4a8", None)))
+    sim = QuantSim(folded, build_plan(folded, "onnxruntime", BitsConfig.parse("w4a8", 8)))
     ctx = CalibrationContext(sim=sim, folded=folded, model=None, data=data, labels=None, quiet=True)
     m = calibrate_gpfq(ctx, GPFQConfig(c="0.9", patch_prob=0.5, per_channel_step=False))
     assert len(m["layers"]) == 4 and m["activations"] == "mse"
+    assert [v["bits"] for v in m["layers"].values()] == [8, 4, 4, 8]  # --first-last-bits 8
     assert all(0 <= v["rel_error"] < 1 for v in m["layers"].values())
     for layer in sim.layers().values():  # per-layer step: one scale per layer
         assert torch.allclose(layer.weight_quantizer.scale, layer.weight_quantizer.scale[0].expand_as(
