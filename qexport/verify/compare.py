@@ -93,7 +93,7 @@ def verify(cfg: VerifyConfig) -> tuple[dict, Path]:
     engine = load_engine(cfg.engine, "int8", cfg.threads)
     fp32_engine = load_engine(cfg.engine, "fp32", cfg.threads) if meta["models"].get("fp32") else None
     folded = recipe.build_float_model()
-    sim = recipe.build_quantsim(folded)
+    sim = recipe.build_quantsim(folded).set_exact_accumulation(True)
 
     logits = {"fp32": [], "quantsim": [], "engine": [], "fp32_engine": []}
     labels = []
