@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
@@ -93,3 +94,19 @@ def write_text_atomic(path: str | os.PathLike, text: str, force: bool = True) ->
     """
     with atomic_file(path, force=force) as tmp:
         tmp.write_text(text)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes.
+
+    Args:
+        path: the file.
+
+    Returns:
+        Lowercase hex digest.
+    """
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

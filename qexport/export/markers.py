@@ -12,40 +12,24 @@ import torch
 DOMAIN = "qexport"
 
 
-class _ActMarker(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, name):  # noqa: ARG004
+def _marker(op: str, attr: str) -> type:
+    """An identity autograd Function that traces to ``qexport::<op>`` with the plan name as attribute."""
+
+    def forward(ctx, x, name):  # noqa: ARG001
         return x.clone()
 
-    @staticmethod
     def symbolic(g, x, name):
-        out = g.op(f"{DOMAIN}::ActQDQ", x, point_s=name)
+        out = g.op(f"{DOMAIN}::{op}", x, **{f"{attr}_s": name})
         out.setType(x.type())
         return out
 
-
-class _WeightMarker(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, w, name):  # noqa: ARG004
-        return w.clone()
-
-    @staticmethod
-    def symbolic(g, w, name):
-        out = g.op(f"{DOMAIN}::WeightDQ", w, layer_s=name)
-        out.setType(w.type())
-        return out
+    return type(f"_{op}Marker", (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "symbolic": staticmethod(symbolic)})
 
 
-class _BiasMarker(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, b, name):  # noqa: ARG004
-        return b.clone()
-
-    @staticmethod
-    def symbolic(g, b, name):
-        out = g.op(f"{DOMAIN}::BiasDQ", b, layer_s=name)
-        out.setType(b.type())
-        return out
+_ActMarker = _marker("ActQDQ", "point")
+_WeightMarker = _marker("WeightDQ", "layer")
+_BiasMarker = _marker("BiasDQ", "layer")
 
 
 def act_marker(x: torch.Tensor, name: str) -> torch.Tensor:

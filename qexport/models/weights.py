@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import warnings
@@ -12,24 +11,9 @@ import torch
 import torch.nn as nn
 
 from qexport.errors import QexportError
+from qexport.fileio import sha256_file  # noqa: F401  (re-exported)
 
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """SHA-256 of a file's bytes.
-
-    Args:
-        path: the file.
-
-    Returns:
-        Lowercase hex digest.
-    """
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _pickle_globals(p: Path) -> str | None:

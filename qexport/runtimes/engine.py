@@ -14,12 +14,12 @@ the FP32 baseline, plus ``engine.json``::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 
 from qexport.errors import QexportError
+from qexport.fileio import sha256_file  # noqa: F401  (re-exported)
 
 ENGINE_FORMAT = "qexport-engine"
 ENGINE_VERSION = 1
@@ -53,22 +53,6 @@ def resolve_threads(threads: int | None) -> int:
     if int(threads) < 1:
         raise QexportError(f"threads must be >= 1, got {threads}")
     return int(threads)
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """SHA-256 of a file, hex.
-
-    Args:
-        path: the file.
-
-    Returns:
-        The hex digest.
-    """
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _dims(value_info) -> list:
