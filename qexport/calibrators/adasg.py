@@ -608,7 +608,8 @@ class AdaSGTrainer:
                         break
                 n = max(self.epoch_acc.pop("n", 1.0), 1.0)
                 row = {"epoch": self.epoch + 1, "warmup": warm, "lr_q": self.opt_q.param_groups[0]["lr"],
-                       **{k: round(v / n, 5) for k, v in self.epoch_acc.items()}, "seconds": round(self.elapsed, 1)}
+                       **{k: round(v / n, 5) for k, v in self.epoch_acc.items()}, "iters": int(n),
+                       "seconds": round(self.elapsed, 1)}
                 self.history.append(row)
                 on_epoch = self.ctx.extras.get("adasg_on_epoch")  # benchmarks: e.g. a top-1 curve (never selects)
                 if on_epoch is not None:
@@ -642,7 +643,7 @@ class AdaSGTrainer:
         self.sim.snap_weights()
         ctx.sim = self.sim
         metrics = {"loss": cfg.loss, "epochs_run": self.epoch, "iters_per_epoch": self.ipe,
-                   "iterations": self.epoch * self.ipe, "train_seconds": round(self.elapsed, 1),
+                   "iterations": sum(r.get("iters", self.ipe) for r in self.history), "train_seconds": round(self.elapsed, 1),
                    "lr_q": self.lr_q, "weights": cfg.weight_init, "activations": f"{cfg.act_init} (synthetic)"}
         if self.history:
             last = self.history[-1]
