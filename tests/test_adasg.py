@@ -11,9 +11,9 @@ import torch.nn.functional as F
 
 from qexport import shared
 from qexport.calibrators.adasg import (
+    CHECKPOINT,
     AdaSGConfig,
     AdaSGTrainer,
-    CHECKPOINT,
     Generator,
     bound_loss,
     entropy,
@@ -123,7 +123,7 @@ def tiny_full(tmp_path_factory):
     """One uninterrupted tiny run (seed 0) with every image read made to fail: AdaSG must not read one."""
     import PIL.Image
 
-    import qexport.data.folder as folder
+    from qexport.data import folder
 
     def boom(*a, **k):
         raise AssertionError("AdaSG read an image")

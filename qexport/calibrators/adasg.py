@@ -39,11 +39,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from qexport.calibrators import register_calibrator
-from qexport.calibrators.base import CalibrationContext, calibrate_activations, set_weight_scales
+from qexport.calibrators.base import (
+    CalibrationContext,
+    calibrate_activations,
+    set_weight_scales,
+)
 from qexport.errors import QexportError
 from qexport.progress import progress_bar
 
@@ -371,7 +375,7 @@ def _save_atomic(obj, path: Path) -> None:
 
 
 def _milestone_epochs(cfg: AdaSGConfig, epochs: int) -> list[int]:
-    return sorted({max(1, int(round(f * epochs))) for f in cfg.milestone_fractions})
+    return sorted({max(1, round(f * epochs)) for f in cfg.milestone_fractions})
 
 
 class AdaSGTrainer:
