@@ -3,10 +3,12 @@
 One run, one process, all engines timed interleaved (``qexport.verify.latency.interleaved_compare``), 2 threads,
 batch 1, torchvision ResNet-18 (random weights) at 1x3x224x224. Calibration is ``minmax`` W8A8 for target
 ``openvino`` on 64 seeded synthetic PNGs (a timing benchmark: only the ranges matter). The very same QDQ file is
-built twice: as an ``openvino`` engine (INT8 compiled with ``INFERENCE_PRECISION_HINT=f32``, the parity setting;
-its FP baseline with OpenVINO's default, bf16 on this CPU) and as an ``onnxruntime`` engine (the openvino
-encoding is ORT's u8s8 encoding). Also timed: the INT8 IR compiled with OpenVINO's default precision, to show
-what the f32 hint costs.
+built as an ``openvino`` engine (INT8 compiled with ``INFERENCE_PRECISION_HINT=f32``, the parity setting; its FP
+baseline with OpenVINO's default, bf16 on this CPU) and as an ``onnxruntime`` engine (the openvino encoding is
+ORT's u8s8 encoding); a second recipe calibrated for target ``onnxruntime`` (its plan adds the fusion points
+ORT wants) gives ORT's best INT8 engine and the ORT FP32 engine. The INT8 ratio is taken against the faster of
+the two ORT INT8 engines. Also timed: the INT8 IR compiled with OpenVINO's default precision, to show what the
+f32 hint costs.
 
 Targets: OpenVINO INT8 >= 2.5x faster than ONNX Runtime INT8, and >= 1.5x faster than OpenVINO's FP engine.
 
@@ -42,24 +44,38 @@ def _synthetic_pngs(folder: Path, n: int = 64, size: int = 256, seed: int = 0) -
     return folder
 
 
+def _ort_engine(qdq: Path, fp32: Path | None, out: Path, threads: int) -> Path | None:
+    """ORT engine of a QDQ file, or None (with a message) when ORT's engine build refuses it."""
+    from qexport.errors import QexportError
+    from qexport.runtimes import get_runtime
+
+    try:
+        return get_runtime("onnxruntime").build_engine(qdq, out, fp32_onnx=fp32, threads=threads)
+    except QexportError as e:
+        _log(f"  skipped: {e}")
+        return None
+
+
 def prepare(work: Path, threads: int, num_samples: int = 64) -> dict:
-    """Calibrate, export for openvino, and build the openvino and onnxruntime engines of the same file."""
+    """Calibrate and export for openvino and for onnxruntime; build the engines."""
     from qexport.engine_build import build_engine_folder
     from qexport.export.qdq import export_recipe
     from qexport.pipeline import CalibrateConfig, calibrate
-    from qexport.runtimes import get_runtime
 
     data = _synthetic_pngs(work / "calib_images", n=num_samples)
-    _log(f"resnet18: calibrating (minmax, w8a8, target openvino, {num_samples} synthetic images)")
-    recipe = calibrate(CalibrateConfig(model="torchvision:resnet18", output=work / "recipe", method="minmax",
-                                       bits="w8a8", target="openvino", data=str(data), num_samples=num_samples,
-                                       quiet=True, device="cpu"))
-    qdq, fp32, _ = export_recipe(recipe, "openvino", work / "model.onnx")
+    files = {}
+    for target in ("openvino", "onnxruntime"):
+        _log(f"resnet18: calibrating (minmax, w8a8, target {target}, {num_samples} synthetic images)")
+        recipe = calibrate(CalibrateConfig(model="torchvision:resnet18", output=work / f"recipe_{target}",
+                                           method="minmax", bits="w8a8", target=target, data=str(data),
+                                           num_samples=num_samples, quiet=True, device="cpu"))
+        files[target] = export_recipe(recipe, target, work / f"model_{target}.onnx")[:2]
     _log("resnet18: building the openvino engine")
-    ov_engine = build_engine_folder(qdq, work / "ov_engine", "openvino", threads=threads)
-    _log("resnet18: building the onnxruntime engine of the same QDQ file")
-    ort_engine = get_runtime("onnxruntime").build_engine(qdq, work / "ort_engine", fp32_onnx=fp32, threads=threads)
-    return {"ov_engine": ov_engine, "ort_engine": ort_engine}
+    ov_engine = build_engine_folder(files["openvino"][0], work / "ov_engine", "openvino", threads=threads)
+    _log("resnet18: building the onnxruntime engines (its own export; the openvino file)")
+    ort_engine = _ort_engine(*files["onnxruntime"], work / "ort_engine", threads)
+    ort_same = _ort_engine(files["openvino"][0], None, work / "ort_engine_same_file", threads)
+    return {"ov_engine": ov_engine, "ort_engine": ort_engine, "ort_same_file": ort_same}
 
 
 def _ov_default_precision_runner(engine: Path, threads: int):
@@ -86,12 +102,15 @@ def time_engines(built: dict, threads: int, iters: int) -> dict:
                "ov_int8_default_precision": _ov_default_precision_runner(built["ov_engine"], threads),
                "ort_int8": load_engine(built["ort_engine"], "int8", threads),
                "ort_fp32": load_engine(built["ort_engine"], "fp32", threads)}
+    if built.get("ort_same_file") is not None:
+        runners["ort_int8_openvino_file"] = load_engine(built["ort_same_file"], "int8", threads)
     calls = {k: r.timed_call(1) for k, r in runners.items()}
     _log(f"timing {len(calls)} engines interleaved, batch 1, {threads} threads, {iters} rounds")
     stats = interleaved_compare(calls, rounds=iters, warmup=10, batch_size=1)
     p50 = {k: s.p50_ms for k, s in stats.items()}
+    ort_best = min(p50["ort_int8"], p50.get("ort_int8_openvino_file", np.inf))
     return {"stats": stats,
-            "ov_int8_vs_ort_int8": p50["ort_int8"] / p50["ov_int8"],
+            "ov_int8_vs_ort_int8": ort_best / p50["ov_int8"],
             "ov_int8_vs_ov_fp": p50["ov_fp"] / p50["ov_int8"],
             "ov_int8_vs_ort_fp32": p50["ort_fp32"] / p50["ov_int8"],
             "f32_hint_cost": p50["ov_int8"] / p50["ov_int8_default_precision"]}
