@@ -180,9 +180,15 @@ def test_resnet20_w4_gpfq_beats_round_to_nearest(cifar):
     xt, yt = load_tensor(ImageFolder(test, lm.preprocess), num_samples=300, seed=1)
     plan = build_plan(folded, "onnxruntime", BitsConfig.parse("w4", None))
 
-    def top1(m):
+    with torch.no_grad():
+        ref = folded(xt)
+
+    def scores(m):
+        """(top-1 %, agreement with FP32 predictions %, logit MSE vs FP32)."""
         with torch.no_grad():
-            return (m(xt).argmax(1) == yt).float().mean().item() * 100
+            out = m(xt)
+        return ((out.argmax(1) == yt).float().mean().item() * 100,
+                (out.argmax(1) == ref.argmax(1)).float().mean().item() * 100, (out - ref).pow(2).mean().item())
 
     rtn = QuantSim(folded, plan)
     set_weight_scales(rtn, "mse")
@@ -190,11 +196,14 @@ def test_resnet20_w4_gpfq_beats_round_to_nearest(cifar):
     sim = QuantSim(folded, plan)
     ctx = CalibrationContext(sim=sim, folded=folded, model=lm, data=xc, labels=None, quiet=True)
     metrics = calibrate_gpfq(ctx, GPFQConfig(c="auto"))
-    acc_fp, acc_rtn, acc_gpfq = top1(folded), top1(rtn), top1(sim)
-    print(f"resnet20 W4 on 300 test-dev images: fp32 {acc_fp:.2f}, rtn {acc_rtn:.2f}, gpfq {acc_gpfq:.2f}")
+    acc_fp = scores(folded)[0]
+    s_rtn, s_gpfq = scores(rtn), scores(sim)
+    print(f"resnet20 W4 on 300 test-dev images: fp32 {acc_fp:.2f}, rtn {s_rtn}, gpfq {s_gpfq}")
     assert len(metrics["layers"]) == len(plan.layers)
-    assert acc_gpfq > acc_rtn, (acc_fp, acc_rtn, acc_gpfq)
-    assert acc_gpfq >= acc_fp - 4.0, (acc_fp, acc_rtn, acc_gpfq)
+    # top-1 on a few hundred images is noisy; the model's agreement with FP32 and its logit error are not
+    assert s_gpfq[2] < s_rtn[2], (s_rtn, s_gpfq)
+    assert s_gpfq[1] >= s_rtn[1], (s_rtn, s_gpfq)
+    assert s_gpfq[0] >= acc_fp - 4.0, (acc_fp, s_gpfq)
 
 
 def test_cli_gpfq_w4a8_exports_and_runs_onnxruntime(cifar, tmp_path):
