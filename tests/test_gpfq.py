@@ -224,7 +224,7 @@ def test_cli_gpfq_w4a8_exports_and_runs_onnxruntime(cifar, tmp_path):
     for args in (["export", str(recipe), "-o", str(onnx)],
                  ["build-engine", str(onnx), "--target", "onnxruntime", "-o", str(engine)],
                  ["verify", str(engine), "--recipe", str(recipe), "--data", str(test), "--num-samples", "64",
-                  "--bench-batch", "0", "-q", "--min-agreement", "97"]):
+                  "--bench-batch", "0", "-q", "--min-agreement", "95"]):
         r = subprocess.run(cli + args, capture_output=True, text=True)
         assert r.returncode == 0, (args[0], r.stdout[-2000:], r.stderr[-3000:])
 
