@@ -82,8 +82,8 @@ def _ov_default_precision_runner(engine: Path, threads: int):
     """The engine's INT8 IR compiled with OpenVINO's default inference precision (bf16 on AMX/AVX512-BF16)."""
     import openvino as ov
 
-    from qexport.runtimes.openvino_rt import OpenVinoRunner
     from qexport.runtimes.engine import read_engine_meta
+    from qexport.runtimes.openvino_rt import OpenVinoRunner
 
     meta = read_engine_meta(engine, target="openvino", which="int8")
     core = ov.Core()

@@ -106,7 +106,7 @@ def _exact_clip_bound(level: int, scale: np.float32, upper: bool) -> np.float32:
             x = np.nextafter(x, direction, dtype=np.float32)
             cands.append(np.float32(x))
     cands.sort(key=lambda v: abs(float(v) - float(level) * float(scale)))
-    quotient = lambda v: float(np.float32(v / scale))  # noqa: E731
+    quotient = lambda v: float(np.float32(v / scale))
     for v in cands:
         if quotient(v) == level:
             return v

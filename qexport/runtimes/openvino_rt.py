@@ -28,8 +28,14 @@ from qexport.errors import MissingDependencyError, QexportError
 from qexport.fileio import atomic_dir, check_output_free
 from qexport.runtimes import register_runtime
 from qexport.runtimes.base import Runner, Runtime
-from qexport.runtimes.engine import (engine_meta, io_names, read_engine_meta, resolve_threads, source_specs,
-                                     write_engine_json)
+from qexport.runtimes.engine import (
+    engine_meta,
+    io_names,
+    read_engine_meta,
+    resolve_threads,
+    source_specs,
+    write_engine_json,
+)
 
 CACHE_DIR = "cache"
 DEVICE = "CPU"
@@ -84,7 +90,7 @@ def _compile(xml: Path, props: dict):
     core = ov.Core()
     try:
         return core.compile_model(core.read_model(str(xml)), DEVICE, props)
-    except Exception as e:  # noqa: BLE001 - OpenVINO raises RuntimeError with long messages
+    except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise QexportError(f"OpenVINO cannot compile {xml}: {msg}") from e
 
@@ -201,7 +207,7 @@ class OpenVino(Runtime):
         """Read an ONNX file into an OpenVINO model; give it a dynamic batch dim when asked and possible."""
         try:
             model = ov.Core().read_model(str(src))
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise QexportError(f"OpenVINO cannot read {src}: {msg}") from e
         if len(model.inputs) != 1:

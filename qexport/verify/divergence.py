@@ -21,13 +21,11 @@ engine's (``exposed_output_max_diff``), so a reader knows how faithful the per-p
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
-
-from qexport.errors import QexportError
 
 DEFAULT_TOLERANCE = 0.005
 DEFAULT_MEAN_STEPS = 0.5
