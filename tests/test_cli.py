@@ -403,8 +403,10 @@ def test_ctrl_c_during_calibration_leaves_no_partial_recipe(tmp_path):
     cmd = [shutil.which("qexport") or sys.executable, *([] if shutil.which("qexport") else ["-m", "qexport.cli"]),
            "calibrate", "cifar:resnet20", "--method", "mse", "--data", str(imgs), "--num-samples", "192",
            "--batch-size", "1", "-o", "recipe"]
+    # A background job of a non-interactive shell (CI, nohup ... &) inherits SIGINT ignored, and Python then installs
+    # no KeyboardInterrupt handler: restore the default disposition, as an interactive terminal would have it.
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     started = False
     while time.time() < deadline and proc.poll() is None:
@@ -414,7 +416,12 @@ def test_ctrl_c_during_calibration_leaves_no_partial_recipe(tmp_path):
         time.sleep(0.05)
     assert started, f"calibration never started (exit {proc.poll()})"
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=300)
+    try:
+        out, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail("qexport calibrate did not stop within 300 s of SIGINT")
     assert proc.returncode == 130, (proc.returncode, out, err)
     assert "Traceback" not in err
     assert not (tmp_path / "recipe").exists()
