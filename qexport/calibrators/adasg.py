@@ -742,7 +742,7 @@ def _jsonable(d: dict) -> dict:
 
 
 @register_calibrator("adasg", config=AdaSGConfig, needs_data=False,
-                     summary="data-free: generator vs quantized net zero-sum game (AdaSG), resumable; --loss gdfq baseline")
+                     summary="generator vs quantized net zero-sum game (AdaSG), resumable; --loss gdfq baseline")
 def calibrate_adasg(ctx: CalibrationContext, cfg: AdaSGConfig) -> dict:
     """AdaSG calibration (data-free; see the module docstring).
 
