@@ -208,26 +208,33 @@ def check(
     raise typer.Exit(run_check(onnx_file, target, echo=typer.echo))
 
 
+def _exception_classes() -> tuple[type, type, type]:
+    """(Exit, ClickException, Abort) as this typer raises them (typer >= 0.29 bundles its own click)."""
+    try:
+        from typer._click.exceptions import ClickException
+        from typer.exceptions import Abort, Exit
+    except ImportError:  # older typer uses click itself
+        from click.exceptions import Abort, ClickException, Exit
+    return Exit, ClickException, Abort
+
+
 def main() -> None:
     """Console entry point: one-line errors with exit code 2, Ctrl-C exits 130 leaving no partial output."""
-    import click
-
+    exit_cls, click_error, abort_cls = _exception_classes()
     try:
-        sys.exit(typer.main.get_command(app).main(standalone_mode=False, prog_name="qexport") or 0)  # typer returns (not raises) the code of typer.Exit and of Ctrl-C (130) here
-    except click.exceptions.Exit as e:
+        # Not standalone: typer returns (rather than raises) the code of typer.Exit here.
+        sys.exit(typer.main.get_command(app).main(standalone_mode=False, prog_name="qexport") or 0)
+    except exit_cls as e:
         sys.exit(e.exit_code)
-    except click.ClickException as e:  # usage errors: click's message, exit code 2
+    except click_error as e:  # usage errors: click's message, exit code 2
         e.show()
         sys.exit(e.exit_code)
-    except click.exceptions.Abort:
-        typer.echo("interrupted: nothing was written", err=True)
+    except (abort_cls, KeyboardInterrupt):
+        typer.echo("interrupted: nothing was written (a resumable run keeps its checkpoint; use --resume)", err=True)
         sys.exit(130)
     except QexportError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        typer.echo("interrupted: nothing was written (a resumable run keeps its checkpoint; use --resume)", err=True)
-        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,8 @@ DEFAULT_OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 
 
-def _trace_to_onnx(module: torch.nn.Module, input_shape: tuple[int, ...], opset: int) -> onnx.ModelProto:
+def _trace_to_onnx(module: torch.nn.Module, input_shape: tuple[int, ...], opset: int,
+                   markers: bool = True) -> onnx.ModelProto:
     """Trace ``module`` with the TorchScript ONNX exporter, dynamic batch."""
     buf = io.BytesIO()
     dummy = torch.zeros((1, *input_shape))
@@ -47,7 +48,7 @@ def _trace_to_onnx(module: torch.nn.Module, input_shape: tuple[int, ...], opset:
             torch.onnx.export(module, (dummy,), buf, dynamo=False, opset_version=opset,
                               input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                               dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-                              custom_opsets={DOMAIN: 1}, do_constant_folding=True)
+                              custom_opsets={DOMAIN: 1} if markers else None, do_constant_folding=True)
         except Exception as e:  # the exporter raises many types; the user needs one line
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise QexportError(f"the model could not be exported to ONNX: {first}") from None
@@ -304,7 +305,7 @@ def build_fp32_model(recipe: QuantRecipe, opset: int = DEFAULT_OPSET, meta: dict
         The validated ONNX model.
     """
     with torch.no_grad():
-        model = _trace_to_onnx(recipe.build_float_model(), recipe.model.input_shape, opset)
+        model = _trace_to_onnx(recipe.build_float_model(), recipe.model.input_shape, opset, markers=False)
     return _finish(model, {"qexport.kind": "fp32", "qexport.model": recipe.model.spec, **(meta or {})})
 
 
