@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,19 +28,9 @@ import numpy as np
 TARGETS = {"ov_int8_vs_ort_int8": 2.5, "ov_int8_vs_ov_fp": 1.5}
 
 
-def _log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def _synthetic_pngs(folder: Path, n: int = 64, size: int = 256, seed: int = 0) -> Path:
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        base = (rng.random((8, 8, 3)) * 255).astype(np.uint8)
-        Image.fromarray(base).resize((size, size), Image.BILINEAR).save(folder / f"{i:04d}.png")
-    return folder
+# Shared with the ONNX Runtime bench beside this file (same synthetic calibration images, same log format).
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine_speed import _log, write_synthetic_pngs as _synthetic_pngs  # noqa: E402
 
 
 def _ort_engine(qdq: Path, fp32: Path | None, out: Path, threads: int) -> Path | None:
