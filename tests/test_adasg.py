@@ -315,3 +315,14 @@ def test_smoke_resnet20_w4a4_few_hundred_iterations(r20_eval, tmp_path):
     start, end, metrics = _smoke(r20_eval, tmp_path, epochs=9, iters_per_epoch=50, warmup_epochs=1,
                                  milestones=(1.0,))
     assert end >= start + 3.0, (start, end, metrics)
+
+
+def test_time_budget_is_filled(tmp_path):
+    """A time budget without --epochs re-plans from the measured epoch time until the first lr decay, so the
+    run ends near the budget rather than at a count planned from one (possibly slow) epoch."""
+    import json
+
+    opts = {"epochs": None, "time_budget": "6s", "iters_per_epoch": 2}
+    out = calibrate(_tiny(tmp_path, "budget", **opts))
+    m = json.loads((out / "recipe.json").read_text())["metrics"]
+    assert 4.0 <= m["train_seconds"] <= 12.0, m

@@ -625,9 +625,15 @@ class AdaSGTrainer:
                 self.it = 0
                 if warm and self.epoch == cfg.warmup:
                     self.freeze_activation_ranges()
-                if self.budget is not None and cfg.epochs is None and self.epoch == cfg.warmup + 1:
-                    prev = self.history[-2]["seconds"] if len(self.history) > 1 else 0.0
-                    self.plan_epochs(self.history[-1]["seconds"] - prev)
+                first_game = self.epoch == cfg.warmup + 1
+                before_decay = self.epochs is not None and self.epoch < 0.5 * self.epochs
+                if self.budget is not None and cfg.epochs is None and (first_game or (self.epoch > cfg.warmup
+                                                                                      and before_decay)):
+                    # Re-plan from the mean game-epoch time until the first lr decay: a speed measured once can
+                    # be far off on a shared machine (a run planned under load used 4 of its 22 minutes).
+                    game = self.history[cfg.warmup:] if cfg.warmup < len(self.history) else self.history[-1:]
+                    start = self.history[cfg.warmup - 1]["seconds"] if 0 < cfg.warmup < len(self.history) else 0.0
+                    self.plan_epochs((self.history[-1]["seconds"] - start) / max(len(game), 1))
                     bar.update(total=self.epochs * self.ipe)
                 elif self.epochs is None:
                     bar.update(total=(self.epoch + 1) * self.ipe)
