@@ -142,18 +142,9 @@ def calibrate(cfg: CalibrateConfig) -> Path:
                       "data": str(cfg.data) if data is not None else None, "data_fingerprint": data_fp,
                       "num_samples": int(data.shape[0]) if data is not None else 0}
         recipe = QuantRecipe.from_quantsim(sim, folded, ref, provenance, metrics)
-        _save_into(recipe, tmp)
+        recipe.write_files(tmp)
     shutil.rmtree(work, ignore_errors=True)
     return Path(cfg.output)
-
-
-def _save_into(recipe, folder: Path) -> None:
-    """Write a recipe's two files into an already-created (temporary) folder."""
-    staging = folder / ".recipe"
-    recipe.save(staging)
-    for f in staging.iterdir():
-        f.replace(folder / f.name)
-    staging.rmdir()
 
 
 def _jsonable(d: dict) -> dict:

@@ -168,6 +168,16 @@ class QuantRecipe:
         Returns:
             The folder path.
         """
+        with atomic_dir(path, force=force) as tmp:
+            self.write_files(tmp)
+        return Path(path)
+
+    def write_files(self, folder: Path) -> None:
+        """Write ``recipe.json`` and ``tensors.safetensors`` into an existing (temporary) folder.
+
+        Args:
+            folder: destination folder.
+        """
         from safetensors.torch import save_file
 
         tensors = {}
@@ -179,10 +189,8 @@ class QuantRecipe:
         meta = {"format": RECIPE_FORMAT, "version": RECIPE_VERSION, "model": self.model.to_dict(),
                 "plan": self.plan.to_dict(), "act_scales": self.act_scales, "provenance": self.provenance,
                 "metrics": self.metrics}
-        with atomic_dir(path, force=force) as tmp:
-            save_file(tensors, str(tmp / "tensors.safetensors"))
-            (tmp / "recipe.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
-        return Path(path)
+        save_file(tensors, str(Path(folder) / "tensors.safetensors"))
+        (Path(folder) / "recipe.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> "QuantRecipe":

@@ -59,12 +59,12 @@ def report_dir_for(engine: Path) -> Path:
     return engine.with_name(engine.name + ".report")
 
 
-def _check_engine_matches_recipe(meta: dict, recipe_dir: Path) -> None:
+def _check_engine_matches_recipe(meta: dict, engine_dir: Path, recipe_dir: Path) -> None:
     from qexport.export.qdq import recipe_fingerprint
 
     want = (meta.get("source_metadata") or {}).get("qexport.recipe_sha256")
     if want and want != recipe_fingerprint(recipe_dir):
-        raise QexportError(f"engine {meta.get('_dir', '')} was not built from recipe {recipe_dir} (its ONNX names another "
+        raise QexportError(f"engine {engine_dir} was not built from recipe {recipe_dir} (its ONNX names another "
                            "recipe); verify it against the recipe it was exported from")
 
 
@@ -86,7 +86,7 @@ def verify(cfg: VerifyConfig) -> tuple[dict, Path]:
     check_output_free(out, cfg.force)
     meta = read_engine_meta(cfg.engine, which="int8")
     recipe = QuantRecipe.load(cfg.recipe)
-    _check_engine_matches_recipe({**meta, "_dir": str(cfg.engine)}, Path(cfg.recipe))
+    _check_engine_matches_recipe(meta, Path(cfg.engine), Path(cfg.recipe))
     ds = ImageFolder(cfg.data, Preprocess.from_dict(recipe.model.preprocess))
     ds.validate()
     idx = subset_indices(len(ds), cfg.num_samples, cfg.seed)
