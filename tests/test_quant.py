@@ -259,3 +259,19 @@ def test_recipe_broken_files(tmp_path, tiny_recipe):
     lacking = _edit(tiny_recipe, tmp_path / "lacking", act_scales=meta["act_scales"])
     with pytest.raises(QexportError, match="lacks activation scales"):
         QuantRecipe.load(lacking)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_histogram_percentile_matches_exact_quantile(signed):
+    from qexport.calibrators.base import HistogramObserver
+
+    gen = torch.Generator().manual_seed(0)
+    chunks = [torch.randn(200_000, generator=gen) * 3 for _ in range(4)]
+    folded = torch.cat(chunks).abs() if signed else torch.cat(chunks).clamp(min=0)
+    hist = HistogramObserver(float(folded.max()), signed)
+    for c in chunks:  # fed in batches, as calibration does
+        hist(c)
+    for pct in (99.0, 99.99, 99.999):
+        exact = float(torch.quantile(folded.double(), pct / 100))
+        assert abs(hist.percentile(pct) - exact) < float(folded.max()) / (1 << 13), pct
+    assert hist.percentile(100.0) == pytest.approx(float(folded.max()), rel=1e-6)
