@@ -29,13 +29,9 @@ continues it, and with the same seed gives the same result as an uninterrupted r
 from __future__ import annotations
 
 import json
-import math
 import os
-import re
-import signal
-import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -43,323 +39,39 @@ import torch.nn.functional as F
 from torch import nn
 
 from qexport.calibrators import register_calibrator
+from qexport.calibrators.adasg_config import AdaSGConfig, parse_duration
+from qexport.calibrators.adasg_game import (
+    BNStatsHook,
+    EMARange,
+    Generator,
+    bound_loss,
+    entropy,
+    generate_batches,
+    generate_no_stats,
+    kd_loss,
+    loss_as,
+    loss_ds,
+    normalized_entropy,
+    save_grid,
+    student_loss,
+)
 from qexport.calibrators.base import (
     CalibrationContext,
     calibrate_activations,
     set_weight_scales,
 )
 from qexport.errors import QexportError
+from qexport.interrupt import GracefulInterrupt
 from qexport.progress import progress_bar
+
+__all__ = ["AdaSGConfig", "AdaSGTrainer", "CHECKPOINT", "Generator", "bound_loss", "calibrate_adasg", "entropy",
+           "kd_loss", "loss_as", "loss_ds", "normalized_entropy", "parse_duration", "student_loss"]
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CHECKPOINT = "adasg_checkpoint.pt"
 
 
-def parse_duration(text: str | None) -> float | None:
-    """``30m``, ``2h``, ``90s``, ``1h30m`` or plain seconds -> seconds (None stays None)."""
-    if text is None:
-        return None
-    t = str(text).strip().lower()
-    if re.fullmatch(r"\d+(\.\d+)?", t):
-        return float(t)
-    parts = re.findall(r"(\d+(?:\.\d+)?)([hms])", t)
-    if not parts or "".join(a + b for a, b in parts) != t:
-        raise QexportError(f"--time-budget {text!r} is not a duration; use e.g. 30m, 2h, 1h30m or 90s")
-    mult = {"h": 3600.0, "m": 60.0, "s": 1.0}
-    return sum(float(a) * mult[b] for a, b in parts)
-
-
-@dataclass(frozen=True)
-class AdaSGConfig:
-    """Options of ``adasg`` (paper defaults; methods.md section 1).
-
-    Attributes:
-        schedule: ``paper`` (400 epochs x 200 iterations, batch 16, 4 warm-up epochs, student lr 1e-4 decayed
-            x0.1 at epochs 100/200/300) or ``budget`` (shorter run; ``--epochs``/``--iters-per-epoch``/
-            ``--time-budget`` set its length and the decay milestones are scaled to it).
-        epochs: total epochs, warm-up included (default: 400 paper, 40 budget; with a time budget alone, as many
-            as fit).
-        iters_per_epoch: iterations per epoch (default 200 paper, 50 budget).
-        time_budget: wall-clock budget (``30m``, ``2h``): the epoch count is planned from the measured speed and
-            the run stops when it is spent.
-        loss: ``adasg`` or the ``gdfq`` baseline.
-        save_synthetic: also write this many synthetic images as an image folder in the recipe.
-        batch_size: generator batch (16 in the paper).
-        warmup_epochs: epochs where only G trains while activation ranges are observed (default 4 paper,
-            2 budget; 0 disables).
-        alpha, beta, gamma: weights of (L_ds + L_as), L_b and L_BNS in L_G (0.1, 1, 1).
-        lambda_l, lambda_u: bounds of the normalised disagreement entropy in L_b (0.3, 0.8).
-        tau: student temperature (20).
-        lr_g: generator Adam learning rate (1e-3, betas 0.5/0.999).
-        lr_q: student SGD-Nesterov learning rate (1e-4, the paper's CIFAR rate; 1e-3 diverges within a few
-            hundred iterations on ResNet-20 W4A4 with both losses).
-        momentum, weight_decay: student SGD settings (0.9, 1e-4).
-        milestones: fractions of the run where the student lr is multiplied by ``gamma_lr`` (default: the
-            paper's 100/200/300 of 400 = 0.25, 0.5, 0.75; budget runs 0.5, 0.75, since a short run spends too
-            little time at the first rate otherwise).
-        gamma_lr: decay factor (0.1).
-        act_momentum: EMA momentum of the activation min/max during warm-up (0.9).
-        act_init: activation ranges at the end of warm-up: ``ema`` (EMA min/max, the paper) or ``mse`` /
-            ``percentile`` over synthetic samples from the warmed-up generator.
-        act_init_samples: synthetic samples for ``mse``/``percentile`` act_init.
-        weight_init: ``mse`` or ``minmax`` per-channel weight scales.
-        latent_dim: generator latent size (100).
-        grid_per_class: samples per class in the PNG grid.
-        bg_exact: measure R after the iteration on the same z, y (one more forward of G, P and Q per iteration);
-            by default R after iteration t is the R of iteration t+1's batch (free, noisier).
-    """
-
-    schedule: str = "budget"
-    epochs: int | None = None
-    iters_per_epoch: int | None = None
-    time_budget: str | None = None
-    loss: str = "adasg"
-    save_synthetic: int = 0
-    batch_size: int = 16
-    warmup_epochs: int | None = None
-    alpha: float = 0.1
-    beta: float = 1.0
-    gamma: float = 1.0
-    lambda_l: float = 0.3
-    lambda_u: float = 0.8
-    tau: float = 20.0
-    lr_g: float = 1e-3
-    lr_q: float | None = None
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    milestones: tuple[float, ...] | None = None
-    gamma_lr: float = 0.1
-    act_momentum: float = 0.9
-    act_init: str = "ema"
-    act_init_samples: int = 512
-    weight_init: str = "mse"
-    latent_dim: int = 100
-    grid_per_class: int = 8
-    bg_exact: bool = False
-
-    def __post_init__(self) -> None:
-        if self.schedule not in ("paper", "budget"):
-            raise QexportError(f"--schedule must be 'paper' or 'budget', got {self.schedule!r}")
-        if self.loss not in ("adasg", "gdfq"):
-            raise QexportError(f"--loss must be 'adasg' or 'gdfq', got {self.loss!r}")
-        if self.epochs is not None and self.epochs <= 0:
-            raise QexportError(f"--epochs must be positive, got {self.epochs}")
-        if self.iters_per_epoch is not None and self.iters_per_epoch <= 0:
-            raise QexportError(f"--iters-per-epoch must be positive, got {self.iters_per_epoch}")
-        if self.batch_size < 2:
-            raise QexportError(f"--batch-size must be at least 2 for AdaSG (batch statistics), got {self.batch_size}")
-        if self.save_synthetic < 0:
-            raise QexportError(f"--save-synthetic must be >= 0, got {self.save_synthetic}")
-        if not 0.0 <= self.lambda_l < self.lambda_u <= 1.0:
-            raise QexportError(f"need 0 <= lambda_l < lambda_u <= 1, got {self.lambda_l}, {self.lambda_u}")
-        if self.warmup_epochs is not None and self.warmup_epochs < 0:
-            raise QexportError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
-        if self.act_init not in ("ema", "mse", "percentile"):
-            raise QexportError(f"act_init must be ema, mse or percentile, got {self.act_init!r}")
-        if self.weight_init not in ("mse", "minmax"):
-            raise QexportError(f"weight_init must be mse or minmax, got {self.weight_init!r}")
-        budget = parse_duration(self.time_budget)
-        if budget is not None and budget <= 0:
-            raise QexportError(f"--time-budget must be positive, got {self.time_budget!r}")
-
-    @property
-    def warmup(self) -> int:
-        if self.warmup_epochs is not None:
-            return self.warmup_epochs
-        return 4 if self.schedule == "paper" else 2
-
-    @property
-    def milestone_fractions(self) -> tuple[float, ...]:
-        if self.milestones is not None:
-            return tuple(self.milestones)
-        return (0.25, 0.5, 0.75) if self.schedule == "paper" else (0.5, 0.75)
-
-    @property
-    def budget_seconds(self) -> float | None:
-        return parse_duration(self.time_budget)
-
-    def resolved(self) -> tuple[int | None, int, float]:
-        """(epochs or None when a time budget plans them, iterations per epoch, student lr)."""
-        paper = self.schedule == "paper"
-        ipe = self.iters_per_epoch or (200 if paper else 50)
-        lr_q = self.lr_q if self.lr_q is not None else 1e-4
-        if self.epochs is not None:
-            epochs = self.epochs
-        elif self.time_budget is not None:
-            epochs = None
-        else:
-            epochs = 400 if paper else 40
-        return epochs, ipe, lr_q
-
-
-# ----------------------------------------------------------------------------------------------------- generator
-class Generator(nn.Module):
-    """Conditional ACGAN-style generator (the authors' CIFAR generator), size-generic.
-
-    z (latent_dim) times a label embedding -> Linear -> 128 x s x s -> BN -> [upsample x2, conv3x3, BN(eps 0.8),
-    LeakyReLU(0.2)] per stage (128 channels, the last 64) -> conv3x3 -> channels -> tanh -> BatchNorm(affine=False).
-    For 32x32 that is the paper's two stages from 8x8; larger inputs get more stages (224: five, from 7x7), and
-    sizes that do not divide are resized at the end.
-
-    Args:
-        num_classes: classes.
-        channels: image channels.
-        size: (H, W).
-        latent_dim: latent size.
-    """
-
-    def __init__(self, num_classes: int, channels: int, size: tuple[int, int], latent_dim: int = 100):
-        super().__init__()
-        h, w = size
-        n_up = 2
-        while min(h, w) / 2**n_up > 8 and h % 2 ** (n_up + 1) == 0 and w % 2 ** (n_up + 1) == 0:
-            n_up += 1
-        self.size = (h, w)
-        self.init = (max(1, math.ceil(h / 2**n_up)), max(1, math.ceil(w / 2**n_up)))
-        self.latent_dim, self.num_classes = latent_dim, num_classes
-        self.label_emb = nn.Embedding(num_classes, latent_dim)
-        self.l1 = nn.Linear(latent_dim, 128 * self.init[0] * self.init[1])
-        self.bn0 = nn.BatchNorm2d(128)
-        blocks = []
-        for i in range(n_up):
-            cout = 64 if i == n_up - 1 else 128
-            blocks += [nn.Upsample(scale_factor=2), nn.Conv2d(128, cout, 3, padding=1), nn.BatchNorm2d(cout, eps=0.8),
-                       nn.LeakyReLU(0.2)]
-        self.blocks = nn.Sequential(*blocks)
-        self.out = nn.Conv2d(64, channels, 3, padding=1)
-        self.out_bn = nn.BatchNorm2d(channels, affine=False)
-
-    def forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        h = self.label_emb(labels) * z
-        h = self.l1(h).view(z.shape[0], 128, *self.init)
-        h = self.blocks(self.bn0(h))
-        x = torch.tanh(self.out(h))
-        if tuple(x.shape[-2:]) != self.size:
-            x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
-        return self.out_bn(x)
-
-
-# -------------------------------------------------------------------------------------------------------- losses
-def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Per-row entropy (nats) of softmax(logits)."""
-    logp = F.log_softmax(logits, dim=1)
-    return -(logp.exp() * logp).sum(dim=1)
-
-
-def normalized_entropy(h: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """The paper's H' (Eq. 4): ``(H - min_batch H) / (log C - min_batch H)``, the batch minimum detached.
-
-    Works for any batch size (the reference code hard-codes batch 16).
-    """
-    hmin = h.detach().min()
-    return (h - hmin) / (math.log(num_classes) - hmin).clamp(min=1e-8)
-
-
-def loss_ds(z_p: torch.Tensor, z_q: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Disagreement-sample loss (Eq. 8): ``CE(softmax(z_p - z_q), y)``."""
-    return F.cross_entropy(z_p - z_q, y)
-
-
-def loss_as(z_p: torch.Tensor, z_q: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Agreement-sample loss (Eq. 10): ``CE(softmax(z_p + z_q), y)``."""
-    return F.cross_entropy(z_p + z_q, y)
-
-
-def bound_loss(h_norm: torch.Tensor, lambda_l: float = 0.3, lambda_u: float = 0.8) -> torch.Tensor:
-    """Bound loss (Eq. 12) on normalised entropies H': ``mean(max(l - H', 0)) + mean(max(H' - u, 0))``."""
-    return F.relu(lambda_l - h_norm).mean() + F.relu(h_norm - lambda_u).mean()
-
-
-def student_loss(z_p: torch.Tensor, z_q: torch.Tensor, tau: float) -> torch.Tensor:
-    """Student loss (Eq. 15), in the reference code's form: ``tau^2 * mean(log C - H(softmax((z_p - z_q)/tau)))``.
-
-    Equal to ``tau^2 log C * mean(1 - H/log C)``, i.e. the paper's ``1 - H'`` with H' normalised by the fixed
-    maximum log C: the batch-minimum normalisation of Eq. 4 would divide the gradient by a near-zero, batch-dependent
-    number at tau = 20 (all entropies are close to log C), so the reference maximises the plain entropy.
-    """
-    c = z_p.shape[1]
-    return tau * tau * (math.log(c) - entropy((z_p - z_q) / tau)).mean()
-
-
-def kd_loss(z_p: torch.Tensor, z_q: torch.Tensor, tau: float) -> torch.Tensor:
-    """GDFQ student loss: ``tau^2 * KL(softmax(z_p/tau) || softmax(z_q/tau))`` (batch mean)."""
-    return tau * tau * F.kl_div(F.log_softmax(z_q / tau, 1), F.log_softmax(z_p / tau, 1), reduction="batchmean",
-                                log_target=True)
-
-
-class BNStatsHook:
-    """Forward hooks on every BatchNorm2d of the teacher: batch mean / biased variance of the input vs the running
-    statistics; ``loss()`` is the mean over layers of (MSE(mean) + MSE(var)) (the reference code's reduction)."""
-
-    def __init__(self, model: nn.Module):
-        self.terms: list[torch.Tensor] = []
-        self.handles = [m.register_forward_hook(self._hook) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-        self.active = True
-
-    def _hook(self, mod: nn.BatchNorm2d, inputs, output) -> None:
-        if not self.active:
-            return
-        x = inputs[0]
-        mean = x.mean(dim=(0, 2, 3))
-        var = x.var(dim=(0, 2, 3), unbiased=False)
-        self.terms.append(F.mse_loss(mean, mod.running_mean) + F.mse_loss(var, mod.running_var))
-
-    def loss(self) -> torch.Tensor:
-        out = torch.stack(self.terms).mean() if self.terms else torch.zeros(())
-        self.terms = []
-        return out
-
-    def clear(self) -> None:
-        self.terms = []
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
-class EMARange:
-    """Activation-range observer: EMA of the per-batch min and max (first batch taken as is, no bias correction)."""
-
-    def __init__(self, momentum: float):
-        self.m = momentum
-        self.min: float | None = None
-        self.max: float | None = None
-
-    def __call__(self, x: torch.Tensor) -> None:
-        lo, hi = float(x.detach().min()), float(x.detach().max())
-        if self.min is None:
-            self.min, self.max = lo, hi
-        else:
-            self.min = self.m * self.min + (1 - self.m) * lo
-            self.max = self.m * self.max + (1 - self.m) * hi
-
-
 # --------------------------------------------------------------------------------------------------- calibrator
-class _Interrupt:
-    """SIGINT -> a flag checked between iterations (a second Ctrl-C interrupts at once)."""
-
-    def __init__(self):
-        self.flag = False
-        self._old = None
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._old = signal.getsignal(signal.SIGINT)
-
-            def handler(signum, frame):
-                if self.flag:
-                    raise KeyboardInterrupt
-                self.flag = True
-
-            signal.signal(signal.SIGINT, handler)
-        return self
-
-    def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
-        return False
-
-
 def _class_names(ctx: CalibrationContext, n: int) -> list[str]:
     spec = str(getattr(ctx.model, "spec", ""))
     if n == 10 and spec.startswith("cifar"):
@@ -546,7 +258,7 @@ class AdaSGTrainer:
             with torch.no_grad():
                 self.bns.active = False
                 try:
-                    x2 = _generate_no_stats(self.G, z, y)
+                    x2 = generate_no_stats(self.G, z, y)
                     r_after, _ = self.disagreement_r(self.teacher(x2), self._student_nograd(x2, warm))
                 finally:
                     self.bns.active = True
@@ -582,7 +294,7 @@ class AdaSGTrainer:
             if cfg.warmup == 0:
                 self.freeze_activation_ranges()
         interrupt_after = self.ctx.extras.get("adasg_interrupt_after")  # tests: simulate Ctrl-C after N iterations
-        with _Interrupt() as intr, progress_bar((self.epochs or 1) * self.ipe, f"adasg ({cfg.loss})",
+        with GracefulInterrupt() as intr, progress_bar((self.epochs or 1) * self.ipe, f"adasg ({cfg.loss})",
                                                 self.ctx.quiet) as bar:
             bar.advance(self.epoch * self.ipe + self.it)
             done_iters = 0
@@ -677,61 +389,16 @@ class AdaSGTrainer:
         k = max(1, cfg.grid_per_class)
         with torch.no_grad():
             y = torch.arange(self.num_classes).repeat_interleave(k)
-            x = _generate_batches(G, y, cfg.latent_dim, gen)
+            x = generate_batches(G, y, cfg.latent_dim, gen)
         save_grid(x, self.ctx.model.preprocess, self.num_classes, k, out / "samples_grid.png")
         if cfg.save_synthetic:
             from qexport.data.synthetic import save_image_folder
 
             with torch.no_grad():
                 y = torch.randint(0, self.num_classes, (cfg.save_synthetic,), generator=gen)
-                x = _generate_batches(G, y, cfg.latent_dim, gen)
+                x = generate_batches(G, y, cfg.latent_dim, gen)
             save_image_folder(x, y, classes, self.ctx.model.preprocess, out / "synthetic")
         G.to(self.device)
-
-
-def _generate_no_stats(G: Generator, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """G(z|y) with batch statistics (train mode) but without touching the BN running statistics."""
-    saved = [(m, m.momentum) for m in G.modules() if isinstance(m, nn.BatchNorm2d)]
-    for m, _ in saved:
-        m.momentum = 0.0
-    try:
-        return G(z, y)
-    finally:
-        for m, mom in saved:
-            m.momentum = mom
-
-
-def _generate_batches(G: Generator, y: torch.Tensor, latent_dim: int, gen: torch.Generator, bs: int = 64) -> torch.Tensor:
-    """Images for labels ``y`` in batches (batch statistics, as in training; running stats untouched)."""
-    xs = []
-    for i in range(0, y.shape[0], bs):
-        yy = y[i : i + bs]
-        z = torch.randn(yy.shape[0], latent_dim, generator=gen)
-        if yy.shape[0] == 1:  # batch statistics need two samples
-            xs.append(_generate_no_stats(G, torch.cat([z, z]), torch.cat([yy, yy]))[:1])
-        else:
-            xs.append(_generate_no_stats(G, z, yy))
-    return torch.cat(xs)
-
-
-def save_grid(x: torch.Tensor, preprocess, rows: int, cols: int, path: Path) -> None:
-    """A PNG grid: one row per class, ``cols`` samples each, de-normalised with ``preprocess``."""
-    from PIL import Image
-
-    mean = torch.tensor(preprocess.mean).view(1, -1, 1, 1)
-    std = torch.tensor(preprocess.std).view(1, -1, 1, 1)
-    pix = ((x.float() * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
-    n, c, h, w = pix.shape
-    pad = 2
-    grid = torch.full((c, rows * (h + pad) + pad, cols * (w + pad) + pad), 255, dtype=torch.uint8)
-    for i in range(min(n, rows * cols)):
-        r, k = divmod(i, cols)
-        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + k * (w + pad): pad + k * (w + pad) + w] = pix[i]
-    arr = grid.permute(1, 2, 0).numpy()
-    img = Image.fromarray(arr[:, :, 0] if c == 1 else arr, mode="L" if c == 1 else "RGB")
-    if h < 64:  # small inputs: enlarge for a person to look at
-        img = img.resize((img.width * 3, img.height * 3), Image.NEAREST)
-    img.save(path)
 
 
 def bar_print(row: dict) -> None:

@@ -1,0 +1,145 @@
+"""Options of ``--method adasg``: the paper and budget schedules, and duration parsing for ``--time-budget``."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from qexport.errors import QexportError
+
+
+def parse_duration(text: str | None) -> float | None:
+    """``30m``, ``2h``, ``90s``, ``1h30m`` or plain seconds -> seconds (None stays None)."""
+    if text is None:
+        return None
+    t = str(text).strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", t):
+        return float(t)
+    parts = re.findall(r"(\d+(?:\.\d+)?)([hms])", t)
+    if not parts or "".join(a + b for a, b in parts) != t:
+        raise QexportError(f"--time-budget {text!r} is not a duration; use e.g. 30m, 2h, 1h30m or 90s")
+    mult = {"h": 3600.0, "m": 60.0, "s": 1.0}
+    return sum(float(a) * mult[b] for a, b in parts)
+
+
+@dataclass(frozen=True)
+class AdaSGConfig:
+    """Options of ``adasg`` (paper defaults; methods.md section 1).
+
+    Attributes:
+        schedule: ``paper`` (400 epochs x 200 iterations, batch 16, 4 warm-up epochs, student lr 1e-4 decayed
+            x0.1 at epochs 100/200/300) or ``budget`` (shorter run; ``--epochs``/``--iters-per-epoch``/
+            ``--time-budget`` set its length and the decay milestones are scaled to it).
+        epochs: total epochs, warm-up included (default: 400 paper, 40 budget; with a time budget alone, as many
+            as fit).
+        iters_per_epoch: iterations per epoch (default 200 paper, 50 budget).
+        time_budget: wall-clock budget (``30m``, ``2h``): the epoch count is planned from the measured speed and
+            the run stops when it is spent.
+        loss: ``adasg`` or the ``gdfq`` baseline.
+        save_synthetic: also write this many synthetic images as an image folder in the recipe.
+        batch_size: generator batch (16 in the paper).
+        warmup_epochs: epochs where only G trains while activation ranges are observed (default 4 paper,
+            2 budget; 0 disables).
+        alpha, beta, gamma: weights of (L_ds + L_as), L_b and L_BNS in L_G (0.1, 1, 1).
+        lambda_l, lambda_u: bounds of the normalised disagreement entropy in L_b (0.3, 0.8).
+        tau: student temperature (20).
+        lr_g: generator Adam learning rate (1e-3, betas 0.5/0.999).
+        lr_q: student SGD-Nesterov learning rate (1e-4, the paper's CIFAR rate; 1e-3 diverges within a few
+            hundred iterations on ResNet-20 W4A4 with both losses).
+        momentum, weight_decay: student SGD settings (0.9, 1e-4).
+        milestones: fractions of the run where the student lr is multiplied by ``gamma_lr`` (default: the
+            paper's 100/200/300 of 400 = 0.25, 0.5, 0.75; budget runs 0.5, 0.75, since a short run spends too
+            little time at the first rate otherwise).
+        gamma_lr: decay factor (0.1).
+        act_momentum: EMA momentum of the activation min/max during warm-up (0.9).
+        act_init: activation ranges at the end of warm-up: ``ema`` (EMA min/max, the paper) or ``mse`` /
+            ``percentile`` over synthetic samples from the warmed-up generator.
+        act_init_samples: synthetic samples for ``mse``/``percentile`` act_init.
+        weight_init: ``mse`` or ``minmax`` per-channel weight scales.
+        latent_dim: generator latent size (100).
+        grid_per_class: samples per class in the PNG grid.
+        bg_exact: measure R after the iteration on the same z, y (one more forward of G, P and Q per iteration);
+            by default R after iteration t is the R of iteration t+1's batch (free, noisier).
+    """
+
+    schedule: str = "budget"
+    epochs: int | None = None
+    iters_per_epoch: int | None = None
+    time_budget: str | None = None
+    loss: str = "adasg"
+    save_synthetic: int = 0
+    batch_size: int = 16
+    warmup_epochs: int | None = None
+    alpha: float = 0.1
+    beta: float = 1.0
+    gamma: float = 1.0
+    lambda_l: float = 0.3
+    lambda_u: float = 0.8
+    tau: float = 20.0
+    lr_g: float = 1e-3
+    lr_q: float | None = None
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    milestones: tuple[float, ...] | None = None
+    gamma_lr: float = 0.1
+    act_momentum: float = 0.9
+    act_init: str = "ema"
+    act_init_samples: int = 512
+    weight_init: str = "mse"
+    latent_dim: int = 100
+    grid_per_class: int = 8
+    bg_exact: bool = False
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("paper", "budget"):
+            raise QexportError(f"--schedule must be 'paper' or 'budget', got {self.schedule!r}")
+        if self.loss not in ("adasg", "gdfq"):
+            raise QexportError(f"--loss must be 'adasg' or 'gdfq', got {self.loss!r}")
+        if self.epochs is not None and self.epochs <= 0:
+            raise QexportError(f"--epochs must be positive, got {self.epochs}")
+        if self.iters_per_epoch is not None and self.iters_per_epoch <= 0:
+            raise QexportError(f"--iters-per-epoch must be positive, got {self.iters_per_epoch}")
+        if self.batch_size < 2:
+            raise QexportError(f"--batch-size must be at least 2 for AdaSG (batch statistics), got {self.batch_size}")
+        if self.save_synthetic < 0:
+            raise QexportError(f"--save-synthetic must be >= 0, got {self.save_synthetic}")
+        if not 0.0 <= self.lambda_l < self.lambda_u <= 1.0:
+            raise QexportError(f"need 0 <= lambda_l < lambda_u <= 1, got {self.lambda_l}, {self.lambda_u}")
+        if self.warmup_epochs is not None and self.warmup_epochs < 0:
+            raise QexportError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        if self.act_init not in ("ema", "mse", "percentile"):
+            raise QexportError(f"act_init must be ema, mse or percentile, got {self.act_init!r}")
+        if self.weight_init not in ("mse", "minmax"):
+            raise QexportError(f"weight_init must be mse or minmax, got {self.weight_init!r}")
+        budget = parse_duration(self.time_budget)
+        if budget is not None and budget <= 0:
+            raise QexportError(f"--time-budget must be positive, got {self.time_budget!r}")
+
+    @property
+    def warmup(self) -> int:
+        if self.warmup_epochs is not None:
+            return self.warmup_epochs
+        return 4 if self.schedule == "paper" else 2
+
+    @property
+    def milestone_fractions(self) -> tuple[float, ...]:
+        if self.milestones is not None:
+            return tuple(self.milestones)
+        return (0.25, 0.5, 0.75) if self.schedule == "paper" else (0.5, 0.75)
+
+    @property
+    def budget_seconds(self) -> float | None:
+        return parse_duration(self.time_budget)
+
+    def resolved(self) -> tuple[int | None, int, float]:
+        """(epochs or None when a time budget plans them, iterations per epoch, student lr)."""
+        paper = self.schedule == "paper"
+        ipe = self.iters_per_epoch or (200 if paper else 50)
+        lr_q = self.lr_q if self.lr_q is not None else 1e-4
+        if self.epochs is not None:
+            epochs = self.epochs
+        elif self.time_budget is not None:
+            epochs = None
+        else:
+            epochs = 400 if paper else 40
+        return epochs, ipe, lr_q
