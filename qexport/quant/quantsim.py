@@ -201,11 +201,15 @@ class QuantSim(nn.Module):
             node.replace_all_uses_with(qnode, delete_user_cb=lambda user: user is not qnode)
         gm.recompile()
         self.gm = gm
+        self._engine_arith = None  # set_engine_arithmetic: an engine's integer kernels, for verification
         for lp in plan.layers:
             aq = self.act_quantizers().get(lp.input_point) if lp.input_point else None
             self.layers()[lp.name].bind_input_quantizer(aq)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        arith = getattr(self, "_engine_arith", None)
+        if arith is not None:
+            return arith.run(self, x)
         return self.gm(x)
 
     def layers(self) -> dict[str, _QuantLayerMixin]:
@@ -259,6 +263,36 @@ class QuantSim(nn.Module):
         for layer in self.layers().values():
             layer.exact_accumulation = exact
         return self
+
+    def set_engine_arithmetic(self, engine: str | None = "onnxruntime") -> "QuantSim":
+        """Compute the layers an engine fuses into integer kernels with that engine's arithmetic (verification only).
+
+        ``"onnxruntime"`` (onnxruntime plans): exact integer accumulators requantized as ONNX Runtime's kernels
+        do, QLinearAdd and GlobalAveragePool as it computes them (qexport/quant/engine_arith.py). The output is
+        not differentiable; training paths leave this off (the default).
+
+        Args:
+            engine: ``"onnxruntime"``, or None to turn it off.
+
+        Returns:
+            self.
+        """
+        if engine is None:
+            self._engine_arith = None
+        else:
+            from qexport.quant.engine_arith import engine_arithmetic
+
+            self._engine_arith = engine_arithmetic(self, engine)
+        return self
+
+    @property
+    def arithmetic(self) -> str:
+        """Which arithmetic forward uses: the engine emulation's name, or float64/float32 accumulation."""
+        arith = getattr(self, "_engine_arith", None)
+        if arith is not None:
+            return arith.name
+        exact = any(layer.exact_accumulation for layer in self.layers().values())
+        return "float64-accumulation" if exact else "float32"
 
     @contextlib.contextmanager
     def export_mode(self) -> Iterator[None]:
