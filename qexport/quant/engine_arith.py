@@ -303,6 +303,11 @@ class _EngineInterpreter(fx.Interpreter):
         return super().run_node(n)
 
 
+def emulated_here() -> bool:
+    """True on x86-64, the CPUs whose ONNX Runtime kernels this module emulates."""
+    return platform.machine().lower() in _X86
+
+
 def engine_arithmetic(sim, kind: str) -> OrtIntegerArithmetic:
     """Build the engine-arithmetic emulation ``kind`` for a QuantSim.
 
@@ -315,6 +320,6 @@ def engine_arithmetic(sim, kind: str) -> OrtIntegerArithmetic:
     """
     if kind != "onnxruntime":
         raise QexportError(f"no integer arithmetic emulation for {kind!r}; only 'onnxruntime'")
-    if platform.machine().lower() not in _X86:
+    if not emulated_here():
         raise QexportError(f"onnxruntime integer arithmetic is emulated for x86-64 only, not {platform.machine()}")
     return OrtIntegerArithmetic(sim)

@@ -94,13 +94,21 @@ def verify(cfg: VerifyConfig) -> tuple[dict, Path]:
     fp32_engine = load_engine(cfg.engine, "fp32", cfg.threads) if meta["models"].get("fp32") else None
     folded = recipe.build_float_model()
     sim = recipe.build_quantsim(folded).set_exact_accumulation(True)
+    # The reference is QuantSim computing what the engine's integer kernels compute, where it can; the float
+    # QuantSim (exact accumulation) is kept alongside for comparison.
+    float_sim = None
+    if _engine_arithmetic_applies(meta, recipe):
+        float_sim = sim
+        sim = recipe.build_quantsim(folded).set_exact_accumulation(True).set_engine_arithmetic("onnxruntime")
 
-    logits = {"fp32": [], "quantsim": [], "engine": [], "fp32_engine": []}
+    logits = {"fp32": [], "quantsim": [], "engine": [], "fp32_engine": [], "quantsim_float": []}
     labels = []
     with torch.no_grad(), progress_bar((len(idx) + cfg.batch_size - 1) // cfg.batch_size, "verify", cfg.quiet) as bar:
         for x, y in iter_batches(ds, cfg.batch_size, idx):
             logits["fp32"].append(folded(x).numpy())
             logits["quantsim"].append(sim(x).numpy())
+            if float_sim is not None:
+                logits["quantsim_float"].append(float_sim(x).numpy())
             xn = x.numpy().astype(np.float32)
             logits["engine"].append(engine.infer(xn))
             if fp32_engine is not None:
@@ -116,6 +124,7 @@ def verify(cfg: VerifyConfig) -> tuple[dict, Path]:
         "engine": {"path": str(cfg.engine), "target": meta["target"], "threads": engine.threads,
                    "versions": meta.get("versions", {})},
         "data": {"path": str(cfg.data), "count": int(len(idx)), "labelled": ds.labelled, "seed": cfg.seed},
+        "quantsim_arithmetic": sim.arithmetic,
         "accuracy": accuracy,
         "latency": benchmark_engines(engine, fp32_engine, cfg.bench_batch_sizes, cfg.bench_iters),
     }
@@ -135,11 +144,22 @@ def verify(cfg: VerifyConfig) -> tuple[dict, Path]:
     return report, out
 
 
+def _engine_arithmetic_applies(meta: dict, recipe) -> bool:
+    """True when QuantSim can compute the engine's integer arithmetic: an onnxruntime engine of an onnxruntime
+    plan, exported for onnxruntime, on a CPU whose kernels are emulated (x86-64)."""
+    from qexport.quant.engine_arith import emulated_here
+
+    export_target = (meta.get("source_metadata") or {}).get("qexport.target") or recipe.plan.target
+    return (meta.get("target") == "onnxruntime" and recipe.plan.target == "onnxruntime"
+            and export_target == "onnxruntime" and emulated_here())
+
+
 def accuracy_metrics(L: dict[str, np.ndarray], labels: np.ndarray | None) -> dict:
     """Top-1 of each model, engine vs QuantSim agreement and logit differences.
 
     Args:
-        L: name -> logits (N, classes): ``fp32``, ``quantsim``, ``engine`` and optionally ``fp32_engine``.
+        L: name -> logits (N, classes): ``fp32``, ``quantsim``, ``engine`` and optionally ``fp32_engine`` and
+            ``quantsim_float`` (the float QuantSim when ``quantsim`` computes the engine's integer arithmetic).
         labels: int labels, or None when unlabelled.
 
     Returns:
@@ -151,6 +171,12 @@ def accuracy_metrics(L: dict[str, np.ndarray], labels: np.ndarray | None) -> dic
            "quantsim_vs_fp32_agreement": float((pred["quantsim"] == pred["fp32"]).mean()),
            "logit_abs_diff_mean": float(diff.mean()), "logit_abs_diff_max": float(diff.max()),
            "disagreements": int((pred["engine"] != pred["quantsim"]).sum())}
+    if "quantsim_float" in L:
+        dfl = np.abs(L["engine"] - L["quantsim_float"])
+        out.update({"engine_vs_quantsim_float_agreement": float((pred["engine"] == pred["quantsim_float"]).mean()),
+                    "logit_abs_diff_mean_vs_quantsim_float": float(dfl.mean()),
+                    "logit_abs_diff_max_vs_quantsim_float": float(dfl.max()),
+                    "disagreements_vs_quantsim_float": int((pred["engine"] != pred["quantsim_float"]).sum())})
     if labels is not None:
         for k in pred:
             out[f"{k}_top1"] = float((pred[k] == labels).mean())

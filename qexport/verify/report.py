@@ -10,6 +10,18 @@ def _pct(v) -> str:
     return "-" if v is None else f"{100 * v:.2f} %"
 
 
+_ARITHMETIC = {
+    "onnxruntime-integer": "onnxruntime-integer (fused layers accumulate exactly in integers and requantize as "
+                           "ONNX Runtime's QLinearConv/QGemm/QLinearAdd kernels do)",
+    "float64-accumulation": "float64-accumulation (fake quantization, layers accumulated in float64)",
+}
+
+
+def _arithmetic_text(report: dict) -> str:
+    name = report.get("quantsim_arithmetic") or "float64-accumulation"
+    return _ARITHMETIC.get(name, name)
+
+
 def render_markdown(report: dict) -> str:
     """The report as Markdown.
 
@@ -29,8 +41,15 @@ def render_markdown(report: dict) -> str:
              f"| INT8 engine | {_pct(a.get('engine_top1'))} | {_pct(a['engine_vs_quantsim_agreement'])} |"]
     if a.get("fp32_engine_top1") is not None:
         lines.append(f"| FP32 engine | {_pct(a.get('fp32_engine_top1'))} | |")
-    lines += ["", f"Logit difference engine vs QuantSim: mean {a['logit_abs_diff_mean']:.4g}, "
-                  f"max {a['logit_abs_diff_max']:.4g}."]
+    if a.get("engine_vs_quantsim_float_agreement") is not None:
+        lines.append(f"| QuantSim, float arithmetic | {_pct(a.get('quantsim_float_top1'))} | "
+                     f"INT8 engine: {_pct(a['engine_vs_quantsim_float_agreement'])} |")
+    lines += ["", f"QuantSim arithmetic (the reference): {_arithmetic_text(report)}.", "",
+              f"Logit difference engine vs QuantSim: mean {a['logit_abs_diff_mean']:.4g}, "
+              f"max {a['logit_abs_diff_max']:.4g}."]
+    if a.get("logit_abs_diff_mean_vs_quantsim_float") is not None:
+        lines.append(f"Logit difference engine vs float QuantSim: mean {a['logit_abs_diff_mean_vs_quantsim_float']:.4g}, "
+                     f"max {a['logit_abs_diff_max_vs_quantsim_float']:.4g}.")
     if a.get("top1_drop_points") is not None:
         lines.append(f"Top-1 drop of the engine vs FP32: {a['top1_drop_points']:.2f} points.")
     lat = report.get("latency") or []
@@ -84,6 +103,12 @@ def print_report(report: dict) -> None:
     t.add_row("INT8 engine", _pct(a.get("engine_top1")), _pct(a["engine_vs_quantsim_agreement"]))
     console = Console()
     console.print(t)
+    if report.get("quantsim_arithmetic"):
+        msg = f"QuantSim arithmetic: {report['quantsim_arithmetic']}"
+        if a.get("engine_vs_quantsim_float_agreement") is not None:
+            msg += (f" (float QuantSim: top-1 {_pct(a.get('quantsim_float_top1'))}, engine agreement "
+                    f"{_pct(a['engine_vs_quantsim_float_agreement'])})")
+        console.print(msg)
     for row in report.get("latency") or []:
         i8, f32 = row.get("int8"), row.get("fp32")
         msg = f"batch {row['batch_size']}: INT8 p50 {i8['p50_ms']:.3f} ms"
