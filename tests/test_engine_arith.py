@@ -29,7 +29,8 @@ pytestmark = pytest.mark.skipif(not emulated_here(), reason="ONNX Runtime's x86-
 
 def _save(tmp_path, nodes, inputs, outputs, inits, name):
     graph = helper.make_graph(nodes, name, inputs, outputs, [numpy_helper.from_array(v, k) for k, v in inits.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
     path = tmp_path / f"{name}.onnx"
     path.write_bytes(model.SerializeToString())
     return path
@@ -55,8 +56,8 @@ def test_qlinear_add_matches_ort_node(tmp_path, zps, seed):
     inits = {"sa": np.array(sa), "za": np.array(za, np.uint8), "sb": np.array(sb), "zb": np.array(zb, np.uint8),
              "sc": np.array(sc), "zc": np.array(zc, np.uint8)}
     node = helper.make_node("QLinearAdd", ["A", "sa", "za", "B", "sb", "zb", "sc", "zc"], ["C"], domain="com.microsoft")
-    vi = lambda n: helper.make_tensor_value_info(n, TensorProto.UINT8, [len(a)])  # noqa: E731
-    path = _save(tmp_path, [node], [vi("A"), vi("B")], [vi("C")], inits, "qladd")
+    io = [helper.make_tensor_value_info(n, TensorProto.UINT8, [len(a)]) for n in ("A", "B", "C")]
+    path = _save(tmp_path, [node], io[:2], io[2:], inits, "qladd")
     got = session_for(path, threads=1, optimize=False).run(None, {"A": a, "B": b})[0]
     want = qlinear_add_codes(torch.from_numpy(a), torch.from_numpy(b), sa, za, sb, zb, sc, zc).numpy()
     np.testing.assert_array_equal(got, want.astype(np.uint8))

@@ -109,7 +109,8 @@ def qlinear_add_codes(a: torch.Tensor, b: torch.Tensor, scale_a, zp_a: int, scal
     sc = _f32(scale_c)
     ra, rb = np.float32(_f32(scale_a) / sc), np.float32(_f32(scale_b) / sc)
     # The zero-point terms are folded into one float32 constant before the loop, as the kernel does.
-    fixed = np.float32(np.float32(zp_c) - np.float32(np.float32(ra * np.float32(zp_a)) + np.float32(rb * np.float32(zp_b))))
+    zero_terms = np.float32(np.float32(ra * np.float32(zp_a)) + np.float32(rb * np.float32(zp_b)))
+    fixed = np.float32(np.float32(zp_c) - zero_terms)
     t = (b.to(torch.float64) * float(rb) + float(fixed)).to(torch.float32)
     r = (a.to(torch.float64) * float(ra) + t.to(torch.float64)).to(torch.float32)
     return torch.clamp(torch.round(r), 0.0, 255.0)  # cvtps2dq, then packs/packus saturation
@@ -146,12 +147,16 @@ def _is_plain_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_method" and node.target == "relu"
 
 
+_ADAPTIVE_AVG_FUNCS = (F.adaptive_avg_pool2d, torch.ops.aten.adaptive_avg_pool2d.default,
+                       torch.ops.aten._adaptive_avg_pool2d.default)
+
+
 def _is_global_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
     """adaptive_avg_pool2d to 1x1 (exported as GlobalAveragePool; avg_pool2d exports as AveragePool)."""
     mod = graph_ops.target_module(gm, node)
     if isinstance(mod, nn.AdaptiveAvgPool2d):
         size = mod.output_size
-    elif node.op == "call_function" and node.target is F.adaptive_avg_pool2d:
+    elif node.op == "call_function" and node.target in _ADAPTIVE_AVG_FUNCS:
         size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
     else:
         return False
@@ -231,6 +236,8 @@ class OrtIntegerArithmetic:
         if not (in_aq.enabled and mod.weight_quantizer.enabled and (out_aq is None or out_aq.enabled)):
             return None
         if isinstance(mod, QuantConv2d) and mod.padding_mode != "zeros":
+            return None
+        if isinstance(mod, QuantLinear) and x.dim() != 2:  # exported as MatMul, not Gemm: not emulated
             return None
         s_in = in_aq.scale.detach().to(torch.float32)
         s_w = mod.weight_quantizer.scale.detach().to(torch.float32)

@@ -22,6 +22,12 @@ def _arithmetic_text(report: dict) -> str:
     return _ARITHMETIC.get(name, name)
 
 
+def _sim_label(report: dict) -> str:
+    if report.get("quantsim_arithmetic") == "onnxruntime-integer":
+        return "ONNX Runtime integer arithmetic"
+    return "fake-quant PyTorch"
+
+
 def render_markdown(report: dict) -> str:
     """The report as Markdown.
 
@@ -37,7 +43,7 @@ def render_markdown(report: dict) -> str:
              + (" (labelled)" if report["data"]["labelled"] else " (unlabelled: no top-1)"), "",
              "| model | top-1 | agreement with QuantSim |", "|---|---|---|",
              f"| FP32 (PyTorch) | {_pct(a.get('fp32_top1'))} | |",
-             f"| QuantSim (fake-quant PyTorch) | {_pct(a.get('quantsim_top1'))} | |",
+             f"| QuantSim ({_sim_label(report)}) | {_pct(a.get('quantsim_top1'))} | |",
              f"| INT8 engine | {_pct(a.get('engine_top1'))} | {_pct(a['engine_vs_quantsim_agreement'])} |"]
     if a.get("fp32_engine_top1") is not None:
         lines.append(f"| FP32 engine | {_pct(a.get('fp32_engine_top1'))} | |")
@@ -45,10 +51,11 @@ def render_markdown(report: dict) -> str:
         lines.append(f"| QuantSim, float arithmetic | {_pct(a.get('quantsim_float_top1'))} | "
                      f"INT8 engine: {_pct(a['engine_vs_quantsim_float_agreement'])} |")
     lines += ["", f"QuantSim arithmetic (the reference): {_arithmetic_text(report)}.", "",
-              f"Logit difference engine vs QuantSim: mean {a['logit_abs_diff_mean']:.4g}, "
-              f"max {a['logit_abs_diff_max']:.4g}."]
+              (f"Logit difference engine vs QuantSim: mean {a['logit_abs_diff_mean']:.4g}, "
+               f"max {a['logit_abs_diff_max']:.4g}.")]
     if a.get("logit_abs_diff_mean_vs_quantsim_float") is not None:
-        lines.append(f"Logit difference engine vs float QuantSim: mean {a['logit_abs_diff_mean_vs_quantsim_float']:.4g}, "
+        lines.append("Logit difference engine vs float QuantSim: "
+                     f"mean {a['logit_abs_diff_mean_vs_quantsim_float']:.4g}, "
                      f"max {a['logit_abs_diff_max_vs_quantsim_float']:.4g}.")
     if a.get("top1_drop_points") is not None:
         lines.append(f"Top-1 drop of the engine vs FP32: {a['top1_drop_points']:.2f} points.")
