@@ -77,7 +77,7 @@ def render_markdown(report: dict) -> str:
     if checks:
         lines += ["", "## Checks", "", "| check | value | threshold | result |", "|---|---|---|---|"]
         for c in checks:
-            lines.append(f"| {c['name']} | {c['value']:.4g} | {c['threshold']:.4g} | {'PASS' if c['passed'] else 'FAIL'} |")
+            lines.append(f"| {c['name']} | {_num(c['value'])} | {_num(c['threshold'])} | {'PASS' if c['passed'] else 'FAIL'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -125,4 +125,9 @@ def print_report(report: dict) -> None:
     if report.get("divergence"):
         console.print(report["divergence"]["summary"])
     for c in report.get("checks") or []:
-        console.print(f"{'PASS' if c['passed'] else 'FAIL'} {c['name']}: {c['value']:.4g} (threshold {c['threshold']:.4g})")
+        console.print(f"{'PASS' if c['passed'] else 'FAIL'} {c['name']}: {_num(c['value'])} (threshold {_num(c['threshold'])})")
+
+
+def _num(v: float) -> str:
+    """A gate value with two decimals (``:.4g`` showed 100.01 as ``100``, a failed gate that looked passed)."""
+    return f"{v:.2f}"
