@@ -298,23 +298,15 @@ def _smoke(r20_eval, tmp_path, **opts):
     return start["top1"], _top1(ctx.sim, x, y), metrics
 
 
-def test_smoke_resnet20_w4a4_improves_over_starting_point(r20_eval, tmp_path):
-    """20 warm-up + 20 game iterations (about what fits in a minute on 2 idle CPU cores): on 300 real test-dev
-    images the run never saw, the student's logits move towards the teacher's (gap -5 % at least) and top-1 does not fall below
-    the starting point (MSE weights, EMA min-max activation ranges on synthetic samples). 20 iterations at the
-    paper's lr are too few for a top-1 gain beyond the noise of 300 images: the slow test below checks that."""
-    start, end, metrics = _smoke(r20_eval, tmp_path, epochs=2, iters_per_epoch=20, warmup_epochs=1,
-                                 milestones=(1.0,))
-    assert metrics["gap_end"] <= 0.95 * metrics["gap_start"], metrics  # measured: 8.68 -> 7.92 (-8.8 %)
-    assert end >= start - 1.0, (start, end, metrics)
-
-
-@pytest.mark.slow
 def test_smoke_resnet20_w4a4_few_hundred_iterations(r20_eval, tmp_path):
-    """400 game iterations raise top-1 on 300 test-dev images clearly above the starting point."""
+    """50 warm-up + 400 game iterations at W4A4 (47 s on 2 idle CPU cores): on 300 real test-dev images the run
+    never saw, top-1 rises clearly above the starting point (MSE weights, EMA min-max activation ranges on
+    synthetic samples) and the student's logits move towards the teacher's. Measured: 64.3 -> 75.0 %, logit gap
+    (student loss on real images) 7.18 -> 4.59."""
     start, end, metrics = _smoke(r20_eval, tmp_path, epochs=9, iters_per_epoch=50, warmup_epochs=1,
                                  milestones=(1.0,))
-    assert end >= start + 3.0, (start, end, metrics)
+    assert end >= start + 5.0, (start, end, metrics)
+    assert metrics["gap_end"] <= 0.8 * metrics["gap_start"], metrics
 
 
 def test_time_budget_is_filled(tmp_path):
