@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--milestones", default="0.5,0.75", help="lr decay fractions ('' = constant lr)")
     ap.add_argument("--ema", type=float, default=0.999, help="decay of the weight average that is also evaluated")
     ap.add_argument("--heldout", type=int, default=1000, help="training images evaluated (seeded subset)")
+    ap.add_argument("--act-init", default="ema", choices=["ema", "mse", "percentile"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="write the curve as JSON")
     args = ap.parse_args(argv)
@@ -59,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"FP32 on {len(y_ev)} held-out training images: {top1(folded)}", flush=True)
     sim = QuantSim(folded, build_plan(folded, "onnxruntime", BitsConfig.parse(args.bits, None), ()))
     ms = tuple(float(v) for v in args.milestones.split(",")) if args.milestones else ()
-    cfg = AdaSGConfig(epochs=args.epochs, iters_per_epoch=args.iters_per_epoch, lr_q=args.lr_q, milestones=ms)
+    cfg = AdaSGConfig(epochs=args.epochs, iters_per_epoch=args.iters_per_epoch, lr_q=args.lr_q, milestones=ms,
+                      act_init=args.act_init)
     curve: list[dict] = []
     average: dict[int, torch.Tensor] = {}
 

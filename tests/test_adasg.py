@@ -298,14 +298,35 @@ def _smoke(r20_eval, tmp_path, **opts):
     return start["top1"], _top1(ctx.sim, x, y), metrics
 
 
+def _minmax_real_data_top1(r20_eval) -> float:
+    """Top-1 of plain min-max W4A4 (per-channel weights, activation ranges on 256 real training images): the
+    starting point the issue compares with (numerics.md: 63.7 % on held-out JPEGs)."""
+    from qexport.calibrators.base import calibrate_activations, set_weight_scales
+    from qexport.data import load_tensor
+    from qexport.models import fold_batchnorm
+    from qexport.quant.plan import build_plan
+    from qexport.quant.quantsim import QuantSim
+    from qexport.quant.spec import BitsConfig
+
+    m, x, y = r20_eval
+    folded = fold_batchnorm(m.model)
+    sim = QuantSim(folded, build_plan(folded, "onnxruntime", BitsConfig.parse("w4a4", None), ()))
+    set_weight_scales(sim, "minmax")
+    calib, _ = load_tensor(shared.cifar_images("train"), m.preprocess, num_samples=256, seed=0)
+    calibrate_activations(sim, calib, "minmax", quiet=True)
+    return _top1(sim.eval(), x, y)
+
+
 def test_smoke_resnet20_w4a4_few_hundred_iterations(r20_eval, tmp_path):
-    """50 warm-up + 400 game iterations at W4A4 (47 s on 2 idle CPU cores): on 300 real test-dev images the run
-    never saw, top-1 rises clearly above the starting point (MSE weights, EMA min-max activation ranges on
-    synthetic samples) and the student's logits move towards the teacher's. Measured: 64.3 -> 75.0 %, logit gap
-    (student loss on real images) 7.18 -> 4.59."""
+    """50 warm-up + 400 game iterations at W4A4 (about 50 s on 2 idle CPU cores): on 300 real test-dev images the
+    run never saw, top-1 ends clearly above plain min-max W4A4 and above the run's own starting point (MSE weights,
+    activation ranges searched on synthetic samples), and the logits move towards the teacher's. Measured:
+    min-max 62.7 %, start 70.3 %, end 75.0 %."""
     start, end, metrics = _smoke(r20_eval, tmp_path, epochs=9, iters_per_epoch=50, warmup_epochs=1,
                                  milestones=(1.0,))
-    assert end >= start + 5.0, (start, end, metrics)
+    minmax = _minmax_real_data_top1(r20_eval)
+    assert end >= minmax + 5.0, (minmax, start, end, metrics)
+    assert end >= start + 3.0, (minmax, start, end, metrics)
     assert metrics["gap_end"] <= 0.8 * metrics["gap_start"], metrics
 
 

@@ -15,8 +15,8 @@ generator G. Each iteration, with z ~ N(0, I) and uniform labels y, x = G(z|y):
 distillation at temperature tau), for comparisons at equal budget and seed.
 
 No real image is read: the student is initialised on synthetic samples only (per-channel MSE weight scales,
-then activation ranges from an EMA of min/max observed on generator samples during the warm-up epochs, where only
-G trains). The quantizers are the plan's deployable ones (symmetric per-channel weights with zero point 0,
+then, after the warm-up epochs where only G trains, activation ranges by an MSE clipping search over samples of
+the warmed-up generator; the paper's EMA of min/max is ``act_init="ema"``). The quantizers are the plan's deployable ones (symmetric per-channel weights with zero point 0,
 per-tensor activations), not the paper's asymmetric min-max ones; weight scales stay at their initial values and
 the weights train through the straight-through estimator, so ``sim.snap_weights()`` at the end makes them exact
 integers times the scales. The final student is the last one: nothing is selected on evaluation data.
