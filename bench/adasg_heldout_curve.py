@@ -16,6 +16,7 @@ import json
 import sys
 
 import torch
+from bench_utils import top1 as top1_on
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,10 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     x_ev, y_ev = load_tensor(train, m.preprocess, num_samples=args.heldout, seed=12345)
 
     def top1(model) -> float:
-        model.eval()
-        with torch.no_grad():
-            pred = torch.cat([model(x_ev[i : i + 500]).argmax(1) for i in range(0, len(x_ev), 500)])
-        return round(float((pred == y_ev).float().mean()) * 100, 2)
+        return round(top1_on(model, x_ev, y_ev), 2)
 
     folded = fold_batchnorm(m.model)
     print(f"FP32 on {len(y_ev)} held-out training images: {top1(folded)}", flush=True)

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_utils import top1 as top1_on
 
 
 def _log(msg: str) -> None:
@@ -52,10 +53,7 @@ def run_one(bits: str, loss: str, args) -> dict:
     x_ev, y_ev = load_tensor(dev, m.preprocess, num_samples=args.eval_samples, seed=0)
 
     def top1(model) -> float:
-        model.eval()
-        with torch.no_grad():
-            pred = torch.cat([model(x_ev[i : i + 500].to(device)).argmax(1).cpu() for i in range(0, len(x_ev), 500)])
-        return round(float((pred == y_ev).float().mean()) * 100, 2)
+        return round(top1_on(model, x_ev, y_ev, device=device), 2)
 
     folded = fold_batchnorm(m.model)
     fp32 = top1(folded.to(device))

@@ -14,12 +14,7 @@ import time
 
 import torch
 import torch.nn as nn
-
-
-def top1(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bs: int = 500) -> float:
-    with torch.no_grad():
-        hits = sum((model(x[i : i + bs]).argmax(1) == y[i : i + bs]).sum().item() for i in range(0, len(x), bs))
-    return 100.0 * hits / len(x)
+from bench_utils import top1
 
 
 def run_qexport(folded, lm, xc: torch.Tensor, bits: int, c: str) -> tuple[nn.Module, float, dict]:

@@ -198,12 +198,14 @@ class AdaSGTrainer:
                                   device=str(self.device), batch_size=64)
         self.acts_frozen = True
 
-    def _student(self, x: torch.Tensor, warm: bool) -> torch.Tensor:
+    def _student(self, x: torch.Tensor, warm: bool, observe: bool = True) -> torch.Tensor:
+        """Q(x); during warm-up with float activations, and (``act_init="ema"`` only) their min/max observed."""
         if not warm:
             return self.sim(x)
-        with self.sim.quant_disabled(weights=False, acts=True):  # warm-up: float activations, ranges observed
+        observers = self.ema if observe and self.cfg.act_init == "ema" else {}
+        with self.sim.quant_disabled(weights=False, acts=True):
             for name, aq in self.sim.act_quantizers().items():
-                aq.observer = self.ema[name]
+                aq.observer = observers.get(name)
             try:
                 return self.sim(x)
             finally:
@@ -259,7 +261,7 @@ class AdaSGTrainer:
                 self.bns.active = False
                 try:
                     x2 = generate_no_stats(self.G, z, y)
-                    r_after, _ = self.disagreement_r(self.teacher(x2), self._student_nograd(x2, warm))
+                    r_after, _ = self.disagreement_r(self.teacher(x2), self._student(x2, warm, observe=False))
                 finally:
                     self.bns.active = True
             bg = r_after - r_now
@@ -269,12 +271,6 @@ class AdaSGTrainer:
         agree = float((z_p.argmax(1) == z_q.argmax(1)).float().mean())
         return {"L_G": l_g.item(), "L_Q": l_q_val, "BNS": l_bns.item(), "BG": bg,
                 "H": h.mean().item(), "R": r_now, "agree": agree, **parts}
-
-    def _student_nograd(self, x: torch.Tensor, warm: bool) -> torch.Tensor:
-        if warm:
-            with self.sim.quant_disabled(weights=False, acts=True):
-                return self.sim(x)
-        return self.sim(x)
 
     # -------------------------------------------------------------------------------------------------- run
     def plan_epochs(self, epoch_seconds: float) -> None:

@@ -72,7 +72,7 @@ class RangeObserver:
     """Collects exact min/max and a bounded random sample of a tensor's values (for percentile/MSE searches).
 
     Args:
-        max_samples: size of the kept sample.
+        max_samples: size of the kept sample (0: keep only min and max).
         generator: seeded generator for the subsampling.
     """
 
@@ -86,6 +86,8 @@ class RangeObserver:
         x = x.detach().float().flatten()
         self.min = min(self.min, float(x.min()))
         self.max = max(self.max, float(x.max()))
+        if self.max_samples <= 0:  # min/max only
+            return
         per_call = max(self.max_samples // 16, 4096)
         if x.numel() > per_call:
             idx = torch.randint(0, x.numel(), (per_call,), generator=self.gen)
@@ -183,10 +185,14 @@ def weight_mse_scale(w: torch.Tensor, qmin: int, qmax: int, grid: int = 100, lo:
     return best
 
 
+def observed_amax(obs: RangeObserver, signed: bool) -> float:
+    """Largest magnitude a grid must cover: max |x| for signed grids, max(x, 0) for unsigned ones."""
+    return max(abs(obs.min), abs(obs.max)) if signed else max(obs.max, 0.0)
+
+
 def act_scale_minmax(obs: RangeObserver, signed: bool, qmin: int, qmax: int) -> float:
     """Per-tensor scale covering the observed range (symmetric for signed grids)."""
-    amax = max(abs(obs.min), abs(obs.max)) if signed else max(obs.max, 0.0)
-    return max(amax / qmax, 1e-8)
+    return max(observed_amax(obs, signed) / qmax, 1e-8)
 
 
 class HistogramObserver:
@@ -277,14 +283,13 @@ def calibrate_activations(sim: QuantSim, data: torch.Tensor, mode: str, *, batch
     """
     if not sim.act_quantizers():
         return
-    with observing(sim, seed=seed) as obs, sim.quant_disabled(weights=False, acts=True):
+    pool = 1 << 18 if mode == "mse" else 0  # only the mse search reads a sample of the values
+    with observing(sim, max_samples=pool, seed=seed) as obs, sim.quant_disabled(weights=False, acts=True):
         run_batches(sim, data, batch_size, "observing activation ranges", quiet, device)
     hists: dict[str, HistogramObserver] = {}
     if mode == "percentile":  # second pass: the max is known now, so one fixed-range histogram per point
         for name, aq in sim.act_quantizers().items():
-            o = obs[name]
-            top = max(abs(o.min), abs(o.max)) if aq.spec.signed else max(o.max, 0.0)
-            hists[name] = aq.observer = HistogramObserver(top, aq.spec.signed)
+            hists[name] = aq.observer = HistogramObserver(observed_amax(obs[name], aq.spec.signed), aq.spec.signed)
         try:
             with sim.quant_disabled(weights=False, acts=True):
                 run_batches(sim, data, batch_size, "activation histograms", quiet, device)

@@ -207,9 +207,8 @@ class QuantSim(nn.Module):
             self.layers()[lp.name].bind_input_quantizer(aq)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        arith = getattr(self, "_engine_arith", None)
-        if arith is not None:
-            return arith.run(self, x)
+        if self._engine_arith is not None:
+            return self._engine_arith.run(self, x)
         return self.gm(x)
 
     def layers(self) -> dict[str, _QuantLayerMixin]:
@@ -288,9 +287,8 @@ class QuantSim(nn.Module):
     @property
     def arithmetic(self) -> str:
         """Which arithmetic forward uses: the engine emulation's name, or float64/float32 accumulation."""
-        arith = getattr(self, "_engine_arith", None)
-        if arith is not None:
-            return arith.name
+        if self._engine_arith is not None:
+            return self._engine_arith.name
         exact = any(layer.exact_accumulation for layer in self.layers().values())
         return "float64-accumulation" if exact else "float32"
 

@@ -10,22 +10,19 @@ def _pct(v) -> str:
     return "-" if v is None else f"{100 * v:.2f} %"
 
 
+# QuantSim arithmetic name -> (short label, what it means)
 _ARITHMETIC = {
-    "onnxruntime-integer": "onnxruntime-integer (fused layers accumulate exactly in integers and requantize as "
-                           "ONNX Runtime's QLinearConv/QGemm/QLinearAdd kernels do)",
-    "float64-accumulation": "float64-accumulation (fake quantization, layers accumulated in float64)",
+    "onnxruntime-integer": ("ONNX Runtime integer arithmetic",
+                            "onnxruntime-integer (fused layers accumulate exactly in integers and requantize as "
+                            "ONNX Runtime's QLinearConv/QGemm/QLinearAdd kernels do)"),
+    "float64-accumulation": ("fake-quant PyTorch",
+                             "float64-accumulation (fake quantization, layers accumulated in float64)"),
 }
 
 
-def _arithmetic_text(report: dict) -> str:
+def _arithmetic(report: dict) -> tuple[str, str]:
     name = report.get("quantsim_arithmetic") or "float64-accumulation"
-    return _ARITHMETIC.get(name, name)
-
-
-def _sim_label(report: dict) -> str:
-    if report.get("quantsim_arithmetic") == "onnxruntime-integer":
-        return "ONNX Runtime integer arithmetic"
-    return "fake-quant PyTorch"
+    return _ARITHMETIC.get(name, ("fake-quant PyTorch", name))
 
 
 def render_markdown(report: dict) -> str:
@@ -43,14 +40,14 @@ def render_markdown(report: dict) -> str:
              + (" (labelled)" if report["data"]["labelled"] else " (unlabelled: no top-1)"), "",
              "| model | top-1 | agreement with QuantSim |", "|---|---|---|",
              f"| FP32 (PyTorch) | {_pct(a.get('fp32_top1'))} | |",
-             f"| QuantSim ({_sim_label(report)}) | {_pct(a.get('quantsim_top1'))} | |",
+             f"| QuantSim ({_arithmetic(report)[0]}) | {_pct(a.get('quantsim_top1'))} | |",
              f"| INT8 engine | {_pct(a.get('engine_top1'))} | {_pct(a['engine_vs_quantsim_agreement'])} |"]
     if a.get("fp32_engine_top1") is not None:
         lines.append(f"| FP32 engine | {_pct(a.get('fp32_engine_top1'))} | |")
     if a.get("engine_vs_quantsim_float_agreement") is not None:
         lines.append(f"| QuantSim, float arithmetic | {_pct(a.get('quantsim_float_top1'))} | "
                      f"INT8 engine: {_pct(a['engine_vs_quantsim_float_agreement'])} |")
-    lines += ["", f"QuantSim arithmetic (the reference): {_arithmetic_text(report)}.", "",
+    lines += ["", f"QuantSim arithmetic (the reference): {_arithmetic(report)[1]}.", "",
               (f"Logit difference engine vs QuantSim: mean {a['logit_abs_diff_mean']:.4g}, "
                f"max {a['logit_abs_diff_max']:.4g}.")]
     if a.get("logit_abs_diff_mean_vs_quantsim_float") is not None:
