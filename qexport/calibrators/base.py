@@ -268,7 +268,7 @@ def set_weight_scales(sim: QuantSim, mode: str = "mse") -> None:
 
 
 def calibrate_activations(sim: QuantSim, data: torch.Tensor, mode: str, *, batch_size: int = 64,
-                          percentile: float = 99.99, quiet: bool = False, seed: int = 0, device: str = "cpu") -> None:
+                          percentile: float = 99.999, quiet: bool = False, seed: int = 0, device: str = "cpu") -> None:
     """Observe activation ranges on ``data`` (float path) and set per-tensor scales.
 
     Args:

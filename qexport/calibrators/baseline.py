@@ -20,7 +20,7 @@ class MinMaxConfig:
 class PercentileConfig:
     """Options of ``percentile``: weights min-max, activations clipped at a percentile of |x|."""
 
-    percentile: float = 99.99
+    percentile: float = 99.999
     batch_size: int = 64
 
     def __post_init__(self) -> None:
@@ -63,7 +63,7 @@ def calibrate_minmax(ctx: CalibrationContext, cfg: MinMaxConfig) -> dict:
 
 
 @register_calibrator("percentile", config=PercentileConfig, needs_data=True,
-                     summary="activations clipped at a percentile of |x| (default 99.99), weights min-max")
+                     summary="activations clipped at a percentile of |x| (default 99.999), weights min-max")
 def calibrate_percentile(ctx: CalibrationContext, cfg: PercentileConfig) -> dict:
     """Percentile calibration.
 

@@ -1,0 +1,116 @@
+"""Activation-clipping choices of the ``percentile`` calibrator, judged on held-out TRAINING images.
+
+This is how the default percentile (99.999) was chosen; figures in bench/README.md.
+
+The selection data are training images that the calibration subset did not use (never test-dev): calibrate on
+``--num-samples`` training images (the pipeline's seeded subset), then measure the QuantSim on up to
+``--eval-samples`` of the other training images. Two figures per variant: top-1, and agreement with the FP32
+model's top-1 (label-free and less noisy than top-1, since most images are right or wrong in both).
+
+    python bench/percentile_heldout.py --depth 32                 # percentiles, and the input point at min-max
+    python bench/percentile_heldout.py --depth 32 --per-point     # also: each point alone back at min-max
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from qexport.calibrators.base import calibrate_activations, set_weight_scales
+from qexport.calibrators.baseline import PercentileConfig
+from qexport.data import ImageFolder, load_tensor
+from qexport.data.folder import subset_indices
+from qexport.models import fold_batchnorm, load_model
+from qexport.quant.plan import build_plan
+from qexport.quant.quantsim import QuantSim
+from qexport.quant.spec import BitsConfig
+from qexport.shared import cifar_checkpoint, cifar_images
+
+
+def act_scales(sim: QuantSim) -> dict[str, float]:
+    """The current per-tensor activation scales, by point name."""
+    return {name: float(aq.scale) for name, aq in sim.act_quantizers().items()}
+
+
+def set_act_scales(sim: QuantSim, scales: dict[str, float]) -> None:
+    """Set activation scales (then re-apply the plan's shared scales)."""
+    with torch.no_grad():
+        for name, aq in sim.act_quantizers().items():
+            aq.scale.fill_(scales[name])
+    sim.apply_shared_scales()
+
+
+@torch.no_grad()
+def logits_of(model: torch.nn.Module, x: torch.Tensor, batch: int = 500) -> torch.Tensor:
+    """Logits of ``model`` on ``x`` in batches."""
+    return torch.cat([model(x[i:i + batch]) for i in range(0, len(x), batch)])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--depth", type=int, default=32)
+    ap.add_argument("--bits", default="w8a8")
+    ap.add_argument("--num-samples", type=int, default=512, help="calibration images (as the pipeline bench)")
+    ap.add_argument("--seed", type=int, default=0, help="calibration subset seed (as the pipeline's --seed)")
+    ap.add_argument("--eval-samples", type=int, default=5000, help="held-out training images to measure on")
+    ap.add_argument("--percentiles", default="99.9,99.99,99.999,99.9999")
+    ap.add_argument("--per-point", action="store_true",
+                    help="each point alone at min-max (the others at the default percentile)")
+    args = ap.parse_args()
+    ckpt, train = cifar_checkpoint(args.depth), cifar_images("train")
+    if ckpt is None or train is None:
+        print("shared folder with the checkpoint and training images not found (QEXPORT_SHARED); nothing to measure")
+        return 0
+    m = load_model(f"cifar:resnet{args.depth}", str(ckpt))
+    folder = ImageFolder(train, m.preprocess)
+    calib_idx = set(subset_indices(len(folder), args.num_samples, args.seed))
+    x_cal, _ = load_tensor(folder, num_samples=args.num_samples, seed=args.seed)
+    rest = [i for i in range(len(folder)) if i not in calib_idx]
+    pick = torch.randperm(len(rest), generator=torch.Generator().manual_seed(12345))[: args.eval_samples]
+    xs, ys = zip(*(folder[rest[int(i)]] for i in pick))
+    x_ev, y_ev = torch.stack(xs), torch.tensor(ys)
+    assert not calib_idx & {rest[int(i)] for i in pick}, "held-out images overlap the calibration subset"
+
+    folded = fold_batchnorm(m.model).eval()
+    ref = logits_of(folded, x_ev).argmax(1)
+    print(f"resnet{args.depth} {args.bits}: {len(y_ev)} held-out training images, FP32 top-1 "
+          f"{100 * (ref == y_ev).float().mean():.2f}")
+    sim = QuantSim(folded, build_plan(folded, "onnxruntime", BitsConfig.parse(args.bits, None), ())).eval()
+    set_weight_scales(sim, "minmax")
+    sim.snap_weights()
+
+    def measure(label: str) -> tuple[float, float]:
+        t0 = time.time()
+        pred = logits_of(sim, x_ev).argmax(1)
+        top1, agree = 100 * (pred == y_ev).float().mean().item(), 100 * (pred == ref).float().mean().item()
+        print(f"  {label:<44} top-1 {top1:6.2f}  agrees with FP32 {agree:6.2f} %  ({time.time() - t0:.0f} s)",
+              flush=True)
+        return top1, agree
+
+    calibrate_activations(sim, x_cal, "minmax", quiet=True, seed=args.seed)
+    minmax = act_scales(sim)
+    measure("minmax (every point at its observed range)")
+    by_pct = {}
+    for p in (float(s) for s in args.percentiles.split(",")):
+        calibrate_activations(sim, x_cal, "percentile", percentile=p, quiet=True, seed=args.seed)
+        by_pct[p] = act_scales(sim)
+        measure(f"percentile {p}")
+    default = PercentileConfig().percentile
+    base = by_pct.get(default) or next(iter(by_pct.values()))
+    inputs = [ap_.name for ap_ in sim.plan.activations if ap_.role == "input" and ap_.name in ("x", "input")]
+    print("  points: " + ", ".join(f"{n} {base[n] / minmax[n]:.2f}" for n in minmax) + "  (percentile/minmax scale)")
+    if inputs:
+        set_act_scales(sim, {**base, **{n: minmax[n] for n in inputs}})
+        measure(f"{default}, network input {inputs[0]} at min-max")
+    if args.per_point:
+        for n in minmax:
+            if abs(base[n] - minmax[n]) > 1e-12 * minmax[n]:
+                set_act_scales(sim, {**base, n: minmax[n]})
+                measure(f"{default}, {n} at min-max")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
