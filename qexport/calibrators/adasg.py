@@ -57,6 +57,7 @@ from qexport.calibrators.adasg_game import (
 )
 from qexport.calibrators.base import (
     CalibrationContext,
+    act_scale_minmax,
     calibrate_activations,
     set_weight_scales,
 )
@@ -180,11 +181,9 @@ class AdaSGTrainer:
         aqs = self.sim.act_quantizers()
         if self.cfg.act_init == "ema":
             for name, aq in aqs.items():
-                r, sp = self.ema[name], aq.spec
-                lo, hi = (r.min or 0.0), (r.max or 0.0)
-                amax = max(abs(lo), abs(hi)) if sp.signed else max(hi, 0.0)
+                sp = aq.spec
                 with torch.no_grad():
-                    aq.scale.fill_(max(amax / sp.qmax, 1e-8))
+                    aq.scale.fill_(act_scale_minmax(self.ema[name], sp.signed, sp.qmin, sp.qmax))
             self.sim.apply_shared_scales()
         else:
             xs = []
@@ -197,6 +196,9 @@ class AdaSGTrainer:
             calibrate_activations(self.sim, torch.cat(xs)[:n], self.cfg.act_init, quiet=True, seed=self.ctx.seed,
                                   device=str(self.device), batch_size=64)
         self.acts_frozen = True
+        on_start = self.ctx.extras.get("adasg_on_start")  # benchmarks and tests: measure the starting student
+        if on_start is not None:
+            on_start(self)
 
     def _student(self, x: torch.Tensor, warm: bool, observe: bool = True) -> torch.Tensor:
         """Q(x); during warm-up with float activations, and (``act_init="ema"`` only) their min/max observed."""

@@ -15,6 +15,10 @@ from qexport.progress import progress_bar
 from qexport.quant.fake_quant import channel_view, fake_quant
 from qexport.quant.quantsim import QuantSim
 
+# Activation clipping percentile of the ``percentile`` calibrator, chosen on held-out training images
+# (bench/percentile_heldout.py; figures in bench/README.md).
+DEFAULT_PERCENTILE = 99.999
+
 
 @dataclass
 class CalibrationContext:
@@ -185,12 +189,16 @@ def weight_mse_scale(w: torch.Tensor, qmin: int, qmax: int, grid: int = 100, lo:
     return best
 
 
-def observed_amax(obs: RangeObserver, signed: bool) -> float:
-    """Largest magnitude a grid must cover: max |x| for signed grids, max(x, 0) for unsigned ones."""
-    return max(abs(obs.min), abs(obs.max)) if signed else max(obs.max, 0.0)
+def observed_amax(obs, signed: bool) -> float:
+    """Largest magnitude a grid must cover: max |x| for signed grids, max(x, 0) for unsigned ones.
+
+    ``obs`` is anything with ``min`` and ``max`` (a RangeObserver, AdaSG's EMA ranges; None counts as 0).
+    """
+    lo, hi = obs.min or 0.0, obs.max or 0.0
+    return max(abs(lo), abs(hi)) if signed else max(hi, 0.0)
 
 
-def act_scale_minmax(obs: RangeObserver, signed: bool, qmin: int, qmax: int) -> float:
+def act_scale_minmax(obs, signed: bool, qmin: int, qmax: int) -> float:
     """Per-tensor scale covering the observed range (symmetric for signed grids)."""
     return max(observed_amax(obs, signed) / qmax, 1e-8)
 
@@ -268,7 +276,8 @@ def set_weight_scales(sim: QuantSim, mode: str = "mse") -> None:
 
 
 def calibrate_activations(sim: QuantSim, data: torch.Tensor, mode: str, *, batch_size: int = 64,
-                          percentile: float = 99.999, quiet: bool = False, seed: int = 0, device: str = "cpu") -> None:
+                          percentile: float = DEFAULT_PERCENTILE, quiet: bool = False, seed: int = 0,
+                          device: str = "cpu") -> None:
     """Observe activation ranges on ``data`` (float path) and set per-tensor scales.
 
     Args:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qexport.calibrators import register_calibrator
-from qexport.calibrators.base import CalibrationContext, calibrate_activations, set_weight_scales
+from qexport.calibrators.base import DEFAULT_PERCENTILE, CalibrationContext, calibrate_activations, set_weight_scales
 from qexport.errors import QexportError
 
 
@@ -20,7 +20,7 @@ class MinMaxConfig:
 class PercentileConfig:
     """Options of ``percentile``: weights min-max, activations clipped at a percentile of |x|."""
 
-    percentile: float = 99.999
+    percentile: float = DEFAULT_PERCENTILE
     batch_size: int = 64
 
     def __post_init__(self) -> None:
@@ -63,7 +63,8 @@ def calibrate_minmax(ctx: CalibrationContext, cfg: MinMaxConfig) -> dict:
 
 
 @register_calibrator("percentile", config=PercentileConfig, needs_data=True,
-                     summary="activations clipped at a percentile of |x| (default 99.999), weights min-max")
+                     summary=f"activations clipped at a percentile of |x| (default {DEFAULT_PERCENTILE}), "
+                             "weights min-max")
 def calibrate_percentile(ctx: CalibrationContext, cfg: PercentileConfig) -> dict:
     """Percentile calibration.
 

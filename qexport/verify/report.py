@@ -10,6 +10,11 @@ def _pct(v) -> str:
     return "-" if v is None else f"{100 * v:.2f} %"
 
 
+def _num(v: float) -> str:
+    """A gate value with two decimals (``:.4g`` showed 100.01 as ``100``, a failed gate that looked passed)."""
+    return f"{v:.2f}"
+
+
 # QuantSim arithmetic name -> (short label, what it means)
 _ARITHMETIC = {
     "onnxruntime-integer": ("ONNX Runtime integer arithmetic",
@@ -124,7 +129,3 @@ def print_report(report: dict) -> None:
     for c in report.get("checks") or []:
         console.print(f"{'PASS' if c['passed'] else 'FAIL'} {c['name']}: {_num(c['value'])} (threshold {_num(c['threshold'])})")
 
-
-def _num(v: float) -> str:
-    """A gate value with two decimals (``:.4g`` showed 100.01 as ``100``, a failed gate that looked passed)."""
-    return f"{v:.2f}"
