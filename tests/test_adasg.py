@@ -220,6 +220,42 @@ def test_resume_without_checkpoint_is_refused(tmp_path):
         calibrate(CalibrateConfig(**{**_tiny(tmp_path).__dict__, "resume": True}))
 
 
+@pytest.mark.parametrize("act_init", ["ema", "mse"])
+def test_activation_init_at_the_end_of_warmup(tmp_path, act_init):
+    """``ema`` (the paper): the warm-up observes each activation's min/max and the frozen scale covers that range;
+    ``mse`` (default): nothing is observed during warm-up. The ``adasg_on_start`` hook sees the frozen student."""
+    from qexport.calibrators.base import CalibrationContext
+    from qexport.models import fold_batchnorm, load_model
+    from qexport.quant.plan import build_plan
+    from qexport.quant.quantsim import QuantSim
+    from qexport.quant.spec import BitsConfig
+
+    m = load_model(TINY, None)
+    folded = fold_batchnorm(m.model)
+    sim = QuantSim(folded, build_plan(folded, "onnxruntime", BitsConfig.parse("w4a4", None), ()))
+    seen = {}
+
+    def on_start(tr):
+        seen.update(frozen=tr.acts_frozen, scales={n: float(aq.scale) for n, aq in tr.sim.act_quantizers().items()},
+                    ranges={n: (r.min, r.max) for n, r in tr.ema.items()})
+
+    ctx = CalibrationContext(sim=sim, folded=folded, model=m, data=None, labels=None, seed=0, quiet=True,
+                             work_dir=tmp_path / "work", extras={"adasg_on_start": on_start})
+    AdaSGTrainer(ctx, AdaSGConfig(epochs=2, iters_per_epoch=3, warmup_epochs=1, batch_size=8,
+                                  act_init=act_init)).run()
+    assert seen["frozen"]
+    shared_points = {ap.name for ap in sim.plan.activations if ap.share_scale_with}
+    for name, aq in sim.act_quantizers().items():
+        lo, hi = seen["ranges"][name]
+        if act_init == "mse":
+            assert lo is None and hi is None, name
+            continue
+        assert lo is not None and hi is not None, name
+        if name not in shared_points:
+            amax = max(abs(lo), abs(hi)) if aq.spec.signed else max(hi, 0.0)
+            assert seen["scales"][name] == pytest.approx(max(amax / aq.spec.qmax, 1e-8), rel=1e-6), name
+
+
 def test_gdfq_loss_runs(tmp_path):
     out = calibrate(_tiny(tmp_path, "g", loss="gdfq", epochs=2))
     import json
