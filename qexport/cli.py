@@ -65,7 +65,7 @@ def _replay_method(args: list[str]) -> Optional[str]:
     folder = scan_flag(args, "--replay")
     if folder is None:
         return None
-    from qexport.pipeline import recipe_method
+    from qexport.calibrate import recipe_method
 
     return recipe_method(Path(folder))
 
@@ -114,7 +114,7 @@ def calibrate(
     method's options are listed at the end of this help.
     """
     from qexport.cli_options import check_replay_alone, collected_options
-    from qexport.pipeline import CalibrateConfig, calibrate as run_calibrate, replay_config
+    from qexport.calibrate import CalibrateConfig, calibrate as run_calibrate, replay_config
 
     method_options = collected_options(ctx, options, opt)
     if replay is not None:
@@ -158,7 +158,7 @@ def build_engine(
     force: bool = typer.Option(False, "--force", help="Overwrite an existing engine folder."),
 ) -> None:
     """Build a runnable INT8 engine (and its FP32 baseline) from a QDQ ONNX file."""
-    from qexport.engine_build import build_engine_folder
+    from qexport.build_engine import build_engine_folder
 
     out = build_engine_folder(onnx_file, output, target, fp32=fp32, threads=threads, force=force)
     typer.echo(f"engine written to {out}")
@@ -220,7 +220,7 @@ def run(
     Method options as in `qexport calibrate`: flags, --opt key=value or --options FILE.json.
     """
     from qexport.cli_options import collected_options
-    from qexport.run_all import run_pipeline
+    from qexport.run import run_pipeline
     from qexport.verify.report import print_report
 
     method_options = collected_options(ctx, options, opt)
