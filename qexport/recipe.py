@@ -9,6 +9,7 @@ Loading rebuilds QuantSim exactly: its quantized weights are ``int * scale``.
 from __future__ import annotations
 
 import json
+import math
 import platform
 import time
 from dataclasses import dataclass, field
@@ -21,9 +22,24 @@ from qexport import __version__
 from qexport.errors import QexportError
 from qexport.fileio import atomic_dir
 from qexport.quant.plan import QuantPlan
+from qexport.schema import NUMBER, MapOf, Opt, check
 
 RECIPE_FORMAT = "qexport-recipe"
 RECIPE_VERSION = 1
+_GRID = {"bits": int, "signed": bool, "narrow": Opt(bool)}
+# recipe.json as this version writes it (extra keys are allowed; qexport/schema.py describes the notation)
+RECIPE_SCHEMA = {
+    "format": str, "version": int,
+    "model": {"spec": str, "input_shape": [int], "preprocess": dict, "num_classes": (int, None),
+              "weights": Opt((str, None)), "weights_sha256": Opt((str, None))},
+    "plan": {"version": int, "target": str,
+             "bits": {"weight_bits": int, "act_bits": Opt((int, None)), "first_last_bits": Opt((int, None))},
+             "layers": [{"name": str, "kind": str, "weight": _GRID, "input_point": Opt((str, None))}],
+             "activations": [{"name": str, "spec": _GRID, "role": str, "share_scale_with": Opt((str, None))}],
+             "float_layers": Opt([str])},
+    "act_scales": MapOf(NUMBER),
+    "provenance": Opt(dict), "metrics": Opt(dict),
+}
 
 
 @dataclass(frozen=True)
@@ -125,6 +141,9 @@ class QuantRecipe:
         pre = Preprocess.from_dict(self.model.preprocess)
         loaded = load_model(self.model.spec, None, input_size=pre.input_size, mean=pre.mean, std=pre.std,
                             num_classes=self.model.num_classes)
+        if tuple(loaded.input_shape) != tuple(self.model.input_shape):
+            raise QexportError(f"the recipe's model.input_shape {list(self.model.input_shape)} is not the input "
+                               f"{list(loaded.input_shape)} of {self.model.spec!r}; recalibrate")
         folded = fold_batchnorm(loaded.model)
         try:
             folded.load_state_dict(self.float_state, strict=True)
@@ -145,13 +164,21 @@ class QuantRecipe:
         from qexport.quant.quantsim import QuantSim
 
         sim = QuantSim(folded if folded is not None else self.build_float_model(), self.plan)
-        missing, unexpected = sim.load_state_dict(self.sim_state, strict=False)
+        try:
+            missing, unexpected = sim.load_state_dict(self.sim_state, strict=False)
+        except RuntimeError as e:  # a tensor of the wrong shape
+            first = " ".join(str(e).split("\n\t")[1:2]).strip() or str(e).strip().splitlines()[0]
+            raise QexportError(f"the recipe's sim/ tensors do not fit its model: {first}; recalibrate") from None
         skip = {f"gm.{n}.weight" for n in self.int_weights}
         missing = [k for k in missing if k not in skip]
         if missing or unexpected:
             raise QexportError(f"the recipe's tensors do not fit its plan (missing {missing[:3]}, unexpected {unexpected[:3]})")
         for name, layer in sim.layers().items():
-            layer.set_quantized_weight(self.int_weights[name], self.weight_scales[name])
+            q, scale = self.int_weights[name], self.weight_scales[name]
+            if tuple(q.shape) != tuple(layer.weight.shape):
+                raise QexportError(f"the recipe's tensor int_weight/{name} has shape {list(q.shape)}, its layer "
+                                   f"takes {list(layer.weight.shape)}; recalibrate")
+            layer.set_quantized_weight(q, scale)
         for name, aq in sim.act_quantizers().items():
             with torch.no_grad():
                 aq.scale.fill_(self.act_scales[name])
@@ -217,27 +244,93 @@ class QuantRecipe:
             meta = json.loads(meta_path.read_text())
         except (OSError, ValueError) as e:
             raise QexportError(f"{meta_path} is not readable JSON ({e}); recalibrate") from None
-        if meta.get("format") != RECIPE_FORMAT:
-            raise QexportError(f"{meta_path} is not a qexport recipe (format {meta.get('format')!r})")
+        fmt = meta.get("format") if isinstance(meta, dict) else None
+        if fmt != RECIPE_FORMAT:
+            raise QexportError(f"{meta_path} is not a qexport recipe (format {fmt!r})")
         if meta.get("version") != RECIPE_VERSION:
             raise QexportError(f"recipe {folder} has format version {meta.get('version')}, this qexport reads "
                                f"version {RECIPE_VERSION}; recalibrate with this version")
+        check(meta, RECIPE_SCHEMA, "", f"recipe {folder}", "recalibrate")
         try:
             tensors = load_file(str(folder / "tensors.safetensors"))
         except (OSError, SafetensorError, ValueError) as e:
             raise QexportError(f"{folder / 'tensors.safetensors'} is missing or corrupt ({e}); recalibrate") from None
-        plan = QuantPlan.from_dict(meta["plan"])
+        plan = _parse(f"recipe {folder}", "plan", lambda: QuantPlan.from_dict(meta["plan"]))
+        model = _parse(f"recipe {folder}", "model", lambda: _model_ref(meta["model"]))
+        _check_plan_refs(folder, plan)
         take = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
         int_w, scales = take("int_weight/"), take("weight_scale/")
         for lp in plan.layers:
-            if lp.name not in int_w or lp.name not in scales:
-                raise QexportError(f"recipe {folder} lacks the integer weights of layer {lp.name!r}; recalibrate")
-            q = int_w[lp.name].to(torch.int32)
-            if q.min() < lp.weight.qmin or q.max() > lp.weight.qmax:
-                raise QexportError(f"recipe {folder}: layer {lp.name!r} has integers outside its {lp.weight.bits}-bit grid")
+            _check_layer_tensors(folder, lp, int_w.get(lp.name), scales.get(lp.name))
         acts = {k: float(v) for k, v in meta["act_scales"].items()}
+        bad_acts = [k for k, v in acts.items() if not (math.isfinite(v) and v > 0)]
+        if bad_acts:
+            raise QexportError(f"recipe {folder}: field act_scales.{bad_acts[0]} is {acts[bad_acts[0]]}, a scale must "
+                               "be positive and finite; recalibrate")
         missing = [ap.name for ap in plan.activations if ap.name not in acts]
         if missing:
             raise QexportError(f"recipe {folder} lacks activation scales for {missing[:3]}; recalibrate")
-        return cls(ModelRef.from_dict(meta["model"]), plan, int_w, scales, acts, take("sim/"), take("float/"),
+        for prefix in ("sim/", "float/"):
+            bad = [k for k, v in take(prefix).items() if not (v.is_floating_point() or v.dtype == torch.int64)]
+            if bad:
+                raise QexportError(f"recipe {folder}: tensor {prefix}{bad[0]} has dtype {take(prefix)[bad[0]].dtype}, "
+                                   "expected a float tensor; recalibrate")
+            bad = [k for k, v in take(prefix).items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+            if bad:
+                raise QexportError(f"recipe {folder}: tensor {prefix}{bad[0]} has non-finite values; recalibrate")
+        return cls(model, plan, int_w, scales, acts, take("sim/"), take("float/"),
                    meta.get("provenance", {}), meta.get("metrics", {}))
+
+
+def _parse(where: str, field_name: str, build):
+    """Run a ``from_dict`` that the schema check has vetted; a value it still refuses names the field."""
+    try:
+        return build()
+    except QexportError as e:
+        raise QexportError(f"{where}: field {field_name}: {e}") from None
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError) as e:
+        raise QexportError(f"{where}: field {field_name} is malformed ({type(e).__name__}: {e}); recalibrate") from None
+
+
+def _model_ref(d: dict) -> ModelRef:
+    from qexport.models import Preprocess
+
+    ref = ModelRef.from_dict(d)
+    if len(ref.input_shape) != 3 or min(ref.input_shape) <= 0:
+        raise QexportError(f"input_shape must be 3 positive sizes (C, H, W), got {list(ref.input_shape)}")
+    Preprocess.from_dict(ref.preprocess)
+    return ref
+
+
+def _check_layer_tensors(folder: Path, lp, q: torch.Tensor | None, scale: torch.Tensor | None) -> None:
+    """A layer's integer weights and scales: present, integer / float, shapes that fit each other, on the grid."""
+    name = lp.name
+    if q is None or scale is None:
+        what = "int_weight" if q is None else "weight_scale"
+        raise QexportError(f"recipe {folder} lacks tensor {what}/{name} (the integer weights of layer {name!r}); "
+                           "recalibrate")
+    if q.is_floating_point() or q.dtype == torch.bool or q.dim() < 2:
+        raise QexportError(f"recipe {folder}: tensor int_weight/{name} must be an integer weight tensor, got "
+                           f"{q.dtype} of shape {list(q.shape)}; recalibrate")
+    if not scale.is_floating_point() or tuple(scale.shape) != (q.shape[0],):
+        raise QexportError(f"recipe {folder}: tensor weight_scale/{name} must be {q.shape[0]} floats (one per output "
+                           f"channel), got {scale.dtype} of shape {list(scale.shape)}; recalibrate")
+    if scale.numel() and not bool(torch.all(torch.isfinite(scale) & (scale > 0))):
+        raise QexportError(f"recipe {folder}: tensor weight_scale/{name} has non-positive or non-finite scales; "
+                           "recalibrate")
+    q32 = q.to(torch.int64)
+    if q32.numel() and (q32.min() < lp.weight.qmin or q32.max() > lp.weight.qmax):
+        raise QexportError(f"recipe {folder}: layer {name!r} has integers outside its {lp.weight.bits}-bit grid")
+
+
+def _check_plan_refs(folder: Path, plan: QuantPlan) -> None:
+    """Every activation point a layer or another point refers to exists in the plan."""
+    points = {ap.name for ap in plan.activations}
+    for i, lp in enumerate(plan.layers):
+        if lp.input_point is not None and lp.input_point not in points:
+            raise QexportError(f"recipe {folder}: field plan.layers[{i}].input_point names {lp.input_point!r}, which "
+                               "is not an activation point of the plan; recalibrate")
+    for i, ap in enumerate(plan.activations):
+        if ap.share_scale_with is not None and ap.share_scale_with not in points:
+            raise QexportError(f"recipe {folder}: field plan.activations[{i}].share_scale_with names "
+                               f"{ap.share_scale_with!r}, which is not an activation point of the plan; recalibrate")

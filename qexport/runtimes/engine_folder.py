@@ -19,10 +19,19 @@ import os
 from pathlib import Path
 
 from qexport.errors import QexportError
+from qexport.schema import MapOf, Opt, check
 from qexport.fileio import sha256_file  # noqa: F401  (re-exported)
 
 ENGINE_FORMAT = "qexport-engine"
 ENGINE_VERSION = 1
+_IO = {"name": str, "shape": [(int, str)], "dtype": str}
+# engine.json as this version reads it (backend keys beyond these are checked by the backend; extra keys allowed)
+ENGINE_SCHEMA = {"format": str, "version": int, "target": str, "models": {"int8": (str, None), "fp32": Opt((str, None))},
+                 "input": _IO, "output": _IO, "threads": Opt((int, None)),
+                 "io": Opt(MapOf({"input": Opt(str), "output": Opt(str)})),
+                 "optimization": Opt({"load": Opt(str)}), "properties": Opt((dict, None)),
+                 "model_properties": Opt((dict, None)), "source_metadata": Opt(MapOf(str)),
+                 "source_onnx_sha256": Opt((str, None)), "fp32_onnx_sha256": Opt((str, None))}
 ENGINE_JSON = "engine.json"
 _REBUILD = "rebuild it with `qexport build-engine`"
 
@@ -230,9 +239,13 @@ def read_engine_meta(engine_dir: str | os.PathLike, target: str | None = None, w
     if meta.get("version") != ENGINE_VERSION:
         raise QexportError(f"{p} has engine format version {meta.get('version')!r}, this qexport reads version "
                            f"{ENGINE_VERSION}; {_REBUILD}")
-    for key in ("target", "models", "input", "output"):
-        if key not in meta:
-            raise QexportError(f"{p} lacks {key!r}; {_REBUILD}")
+    check(meta, ENGINE_SCHEMA, "", str(p), _REBUILD)
+    if meta.get("threads") is not None and meta["threads"] < 1:
+        raise QexportError(f"{p}: field threads must be >= 1, got {meta['threads']}; {_REBUILD}")
+    for which, name in meta["models"].items():
+        if name is not None and (Path(name).name != name or name in (".", "..")):
+            raise QexportError(f"{p}: field models.{which} must be a file name in the engine folder, got {name!r}; "
+                               f"{_REBUILD}")
     if target is not None and meta["target"] != target:
         raise QexportError(f"{d} is an engine for {meta['target']!r}, not {target!r}; "
                            f"load it with its own runtime or {_REBUILD} --target {target}")

@@ -62,7 +62,13 @@ def _properties(threads: int, precision: str | None, cache_dir: Path) -> dict:
 def model_properties(meta: dict, which: str) -> dict:
     """The compile properties recorded in ``engine.json`` for one model (``int8`` or ``fp32``)."""
     per_model = meta.get("model_properties") or {}
-    return dict(per_model.get(which) or meta.get("properties") or {})
+    props = dict(per_model.get(which) or meta.get("properties") or {})
+    bad = [k for k, v in props.items() if not isinstance(v, (str, int, float)) or (k == "CACHE_DIR" and
+                                                                                  not isinstance(v, str))]
+    if bad:
+        raise QexportError(f"engine.json: the OpenVINO property {bad[0]} of the {which} model is {props[bad[0]]!r}, "
+                           "not a plain value; rebuild it with `qexport build-engine`")
+    return props
 
 
 def runtime_precisions(compiled) -> dict:

@@ -58,7 +58,7 @@ def mutate_json(data: dict, rng: random.Random, skip: tuple[str, ...] = ()) -> s
     path = rng.choice(paths)
     parent = _parent(data, path)
     if rng.random() < 0.3:
-        del parent[path[-1]] if isinstance(parent, dict) else parent.pop(path[-1])
+        parent.pop(path[-1])
         return f"removed {'.'.join(map(str, path))}"
     new = rng.choice(_VALUES)
     parent[path[-1]] = json.loads(json.dumps(new)) if new == new else new
