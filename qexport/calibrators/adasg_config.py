@@ -106,6 +106,11 @@ class AdaSGConfig:
         if budget is not None and budget <= 0:
             raise QexportError(f"--time-budget must be positive, got {self.time_budget!r}")
 
+    @classmethod
+    def contract_options(cls) -> dict:
+        """A run of seconds on a tiny model, for the contract test (tests/test_contract.py)."""
+        return {"epochs": 2, "iters_per_epoch": 2, "warmup_epochs": 1, "batch_size": 4, "act_init_samples": 16}
+
     @property
     def warmup(self) -> int:
         if self.warmup_epochs is not None:
