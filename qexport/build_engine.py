@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from qexport.errors import QexportError
@@ -26,7 +27,7 @@ def read_qexport_metadata(onnx_path: Path) -> dict[str, str]:
 
 
 def build_engine_folder(onnx_path: Path, output: Path, target: str, *, fp32: Path | None = None,
-                        threads: int | None = None, force: bool = False) -> Path:
+                        threads: int | None = None, force: bool = False, options: dict | None = None) -> Path:
     """Build an engine folder for ``target`` from a QDQ ONNX file (and its FP32 baseline).
 
     Args:
@@ -36,12 +37,14 @@ def build_engine_folder(onnx_path: Path, output: Path, target: str, *, fp32: Pat
         fp32: FP32 baseline ONNX; default ``<name>.fp32.onnx`` beside the QDQ file when it exists.
         threads: CPU threads.
         force: overwrite an existing folder.
+        options: the runtime's build options (name -> value; its ``Runtime.options`` dataclass checks them).
 
     Returns:
         The engine folder.
     """
     from qexport.export.qdq import fp32_path_for
     from qexport.fileio import check_output_free
+    from qexport.options import build_config
     from qexport.runtimes import get_runtime
 
     onnx_path = Path(onnx_path)
@@ -62,4 +65,6 @@ def build_engine_folder(onnx_path: Path, output: Path, target: str, *, fp32: Pat
         fp32 = cand if cand.is_file() else None
     elif not Path(fp32).is_file():
         raise QexportError(f"FP32 baseline {fp32} not found")
-    return runtime.build_engine(onnx_path, Path(output), fp32_onnx=fp32, threads=threads, force=force)
+    build = build_config(runtime.options, dict(options or {}), f"--target {target}")
+    kw = {f.name: getattr(build, f.name) for f in dataclasses.fields(build)}
+    return runtime.build_engine(onnx_path, Path(output), fp32_onnx=fp32, threads=threads, force=force, **kw)

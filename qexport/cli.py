@@ -148,19 +148,46 @@ def export_cmd(
     typer.echo(f"wrote {qdq} ({target} QDQ) and {fp32} (FP32 baseline)")
 
 
-@app.command("build-engine")
+def _runtime_options(name: str) -> type:
+    from qexport.runtimes import get_runtime
+
+    return get_runtime(name).options
+
+
+def _all_runtime_options() -> dict[str, type]:
+    from qexport.runtimes import get_runtime, list_runtimes
+
+    return {name: get_runtime(name).options for name in list_runtimes()}
+
+
+def _runtime_command() -> type:
+    from qexport.cli_options import selector_command
+
+    return selector_command(selector="--target", default="onnxruntime", kind="runtime", command="build-engine",
+                            resolve=_runtime_options, everyone=_all_runtime_options)
+
+
+@app.command("build-engine", cls=_runtime_command())
 def build_engine(
+    ctx: typer.Context,
     onnx_file: Path = typer.Argument(..., metavar="MODEL.onnx", help="QDQ ONNX from `qexport export`."),
     output: Path = typer.Option(..., "-o", "--output", help="Engine folder to write."),
     target: str = typer.Option("onnxruntime", help="onnxruntime, openvino or tensorrt."),
     fp32: Optional[Path] = typer.Option(None, help="FP32 baseline ONNX (default: <name>.fp32.onnx beside MODEL.onnx, if present)."),
     threads: Optional[int] = typer.Option(None, help="CPU threads (default: all available cores)."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing engine folder."),
+    opt: list[str] = typer.Option([], "--opt", help="A runtime build option as key=value (repeatable)."),
+    options: Optional[Path] = typer.Option(None, "--options", help="JSON file of runtime build options."),
 ) -> None:
-    """Build a runnable INT8 engine (and its FP32 baseline) from a QDQ ONNX file."""
+    """Build a runnable INT8 engine (and its FP32 baseline) from a QDQ ONNX file.
+
+    The chosen runtime's build options (flags, --opt key=value or --options FILE.json) are listed at the end.
+    """
+    from qexport.cli_options import collected_options
     from qexport.build_engine import build_engine_folder
 
-    out = build_engine_folder(onnx_file, output, target, fp32=fp32, threads=threads, force=force)
+    out = build_engine_folder(onnx_file, output, target, fp32=fp32, threads=threads, force=force,
+                              options=collected_options(ctx, options, opt))
     typer.echo(f"engine written to {out}")
 
 

@@ -209,3 +209,56 @@ def test_replay_refuses_other_settings(tmp_path, tiny_recipe, qx):
     res = qx("calibrate", "--replay", tmp_path / "none", "-o", tmp_path / "x")
     assert_user_error(res, "--replay", "none")
     assert not (tmp_path / "x").exists()
+
+
+# ---------------------------------------------------------------- runtime build options, runtime plug-ins
+def test_build_engine_takes_the_runtimes_options(tmp_path, tiny_recipe, qx):
+    onnx_file = tmp_path / "m.onnx"
+    assert qx("export", tiny_recipe, "-o", onnx_file).code == 0
+    res = qx("build-engine", "--target", "openvino", "--help")
+    assert res.code == 0 and "--precision STR|NONE  [default: f32]" in res.out
+    res = qx("build-engine", "--target", "tensorrt", "--help")
+    assert "--max-batch INT  [default: 64]" in res.out and "--workspace-mb" in res.out
+    res = qx("build-engine", onnx_file, "-o", tmp_path / "e1", "--threads", 1, "--opt-level", "basic")
+    assert res.code == 0, res.err
+    assert json.loads((tmp_path / "e1" / "engine.json").read_text())["optimization"]["opt_level"] == "basic"
+    res = qx("build-engine", onnx_file, "-o", tmp_path / "e2", "--threads", 1, "--opt", "opt_level=all")
+    assert res.code == 0, res.err
+    assert json.loads((tmp_path / "e2" / "engine.json").read_text())["optimization"]["opt_level"] == "all"
+    for args, fragments in ((["--precision", "f16"], ["--precision", "--target onnxruntime", "openvino"]),
+                            (["--opt-level", "max"], ["opt_level", "max"]),
+                            (["--target", "openvino", "--precision", "int4"], ["precision", "int4"])):
+        res = qx("build-engine", onnx_file, "-o", tmp_path / "bad", *args)
+        assert_user_error(res, *fragments)
+        assert not (tmp_path / "bad").exists()
+
+
+def test_runtime_plugin_from_an_entry_point(tmp_path, monkeypatch, qx):
+    """A runtime declared by another package's entry point (a dist-info on sys.path; nothing installed)."""
+    import sys
+
+    import qexport.runtimes as rt
+
+    (tmp_path / "toy_rt_plugin.py").write_text(
+        "from dataclasses import dataclass, field\n"
+        "from qexport.runtimes import register_runtime\n"
+        "from qexport.runtimes.onnxrt import OnnxRuntime\n\n"
+        "@dataclass(frozen=True)\n"
+        "class ToyRtOptions:\n"
+        "    speed: int = field(default=3, metadata={'help': 'how fast'})\n\n"
+        "@register_runtime('toyrt')\n"
+        "class ToyRt(OnnxRuntime):\n"
+        "    options = ToyRtOptions\n")
+    dist = tmp_path / "toy_rt_plugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-rt-plugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[qexport.runtimes]\ntoyrt = toy_rt_plugin\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(rt, "_DISCOVERED", False)
+    try:
+        assert "toyrt" in rt.list_runtimes()
+        res = qx("build-engine", "--target", "toyrt", "--help")
+        assert res.code == 0 and "--speed INT  [default: 3]" in res.out
+    finally:
+        rt._REGISTRY.pop("toyrt", None)
+        sys.modules.pop("toy_rt_plugin", None)

@@ -16,10 +16,10 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from dataclasses import dataclass, field
-from importlib import metadata
 from typing import Callable
 
 from qexport.errors import QexportError
+from qexport.plugins import load_entry_points
 
 
 @dataclass(frozen=True)
@@ -74,25 +74,13 @@ def _builtin_modules() -> list[str]:
     return [f"{__name__}.{m.name}" for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")]
 
 
-def _load_entry_points(group: str) -> None:
-    """Import every entry point of ``group`` (a module registers on import; a callable is called)."""
-    for ep in metadata.entry_points(group=group):
-        try:
-            obj = ep.load()
-        except Exception as e:  # a broken plugin must not take the built-ins down with it
-            raise QexportError(f"plugin {ep.name!r} ({ep.value}) of {group} failed to load: "
-                               f"{type(e).__name__}: {e}") from None
-        if callable(obj) and not isinstance(obj, type):
-            obj()
-
-
 def _load_all() -> None:
     global _LOADED
     if _LOADED:
         return
     for mod in _builtin_modules():
         importlib.import_module(mod)
-    _load_entry_points(ENTRY_POINT_GROUP)
+    load_entry_points(ENTRY_POINT_GROUP)
     _LOADED = True
 
 

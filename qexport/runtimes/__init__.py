@@ -1,7 +1,10 @@
 """Runtime backends: build an engine folder from a QDQ ONNX file, load it, run and time batches.
 
-Backends register by name (``onnxruntime``, ``openvino``, ``tensorrt``); built-in ones are imported on first
-use, and each imports its runtime lazily, so ``import qexport.runtimes`` needs neither OpenVINO nor TensorRT.
+Backends register by name (``onnxruntime``, ``openvino``, ``tensorrt``) with :func:`register_runtime`. On first
+use every module of this package is imported (adding a built-in runtime is one module) and so is every entry
+point of the group ``qexport.runtimes`` (a separate pip package declares ``[project.entry-points."qexport.runtimes"]
+myrt = "mypkg.myrt"``). Each backend imports its runtime package lazily, so listing them needs neither OpenVINO
+nor TensorRT. A backend's ``options`` dataclass gives its ``qexport build-engine`` flags.
 """
 
 from __future__ import annotations
@@ -17,12 +20,10 @@ from qexport.runtimes.engine_folder import ENGINE_FORMAT, ENGINE_VERSION, read_e
 __all__ = ["ENGINE_FORMAT", "ENGINE_VERSION", "Runner", "Runtime", "get_runtime", "list_runtimes",
            "load_engine", "read_engine_meta", "register_runtime"]
 
-_BUILTIN = {
-    "onnxruntime": "qexport.runtimes.onnxrt",
-    "openvino": "qexport.runtimes.openvino_rt",
-    "tensorrt": "qexport.runtimes.trt",
-}
 _REGISTRY: dict[str, type[Runtime]] = {}
+ENTRY_POINT_GROUP = "qexport.runtimes"
+_NOT_BACKENDS = {"base", "engine_folder"}
+_DISCOVERED = False
 
 T = TypeVar("T", bound=type)
 
@@ -53,7 +54,24 @@ def list_runtimes() -> list[str]:
     Returns:
         Sorted names.
     """
-    return sorted(set(_BUILTIN) | set(_REGISTRY))
+    _discover()
+    return sorted(_REGISTRY)
+
+
+def _discover() -> None:
+    """Import the built-in backend modules and the ``qexport.runtimes`` entry points (once)."""
+    global _DISCOVERED
+    if _DISCOVERED:
+        return
+    import pkgutil
+
+    from qexport.plugins import load_entry_points
+
+    for m in pkgutil.iter_modules(__path__):
+        if not m.name.startswith("_") and m.name not in _NOT_BACKENDS:
+            importlib.import_module(f"{__name__}.{m.name}")
+    load_entry_points(ENTRY_POINT_GROUP)
+    _DISCOVERED = True
 
 
 def get_runtime(name: str) -> Runtime:
@@ -65,8 +83,8 @@ def get_runtime(name: str) -> Runtime:
     Returns:
         A Runtime instance (its runtime package is imported only when it builds or loads).
     """
-    if name not in _REGISTRY and name in _BUILTIN:
-        importlib.import_module(_BUILTIN[name])
+    if name not in _REGISTRY:
+        _discover()
     if name not in _REGISTRY:
         raise QexportError(f"unknown runtime {name!r}; known runtimes: {', '.join(list_runtimes())}")
     return _REGISTRY[name]()

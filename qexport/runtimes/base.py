@@ -6,6 +6,7 @@ As in Polygraphy, the public :meth:`Runner.infer` checks its input and calls the
 from __future__ import annotations
 
 import abc
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -132,10 +133,20 @@ class Runner(abc.ABC):
         return f"{type(self).__name__}(target={self.target!r}, which={self.which!r}, threads={self.threads})"
 
 
+@dataclass(frozen=True)
+class NoBuildOptions:
+    """Build options of a runtime that takes none."""
+
+
 class Runtime(abc.ABC):
-    """A registered runtime backend: builds engine folders and loads runners from them."""
+    """A registered runtime backend: builds engine folders and loads runners from them.
+
+    ``options`` is the runtime's build-options dataclass (fields with ``metadata["help"]``): its fields are the
+    ``qexport build-engine --target NAME`` flags and the keyword options of :meth:`build_engine`.
+    """
 
     name: str = ""
+    options: type = NoBuildOptions
 
     @abc.abstractmethod
     def build_engine(self, onnx_path: Path, out_dir: Path, *, fp32_onnx: Path | None = None,

@@ -20,6 +20,7 @@ gives the same outputs as the in-memory session it came from.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -102,12 +103,28 @@ def _example_batch(shape: list, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((batch, *dims), dtype=np.float32)
 
 
+@dataclass(frozen=True)
+class OrtBuildOptions:
+    """Build options of the onnxruntime target (``qexport build-engine --target onnxruntime --help``)."""
+
+    opt_level: str = field(default="extended", metadata={
+        "help": "graph optimization level saved in the engine: 'extended' (portable, the default), 'all' (adds "
+                "layout changes tuned to this CPU: the engine is then for this machine only) or 'basic'"})
+
+    def __post_init__(self) -> None:
+        if self.opt_level not in _SAVE_LEVELS:
+            raise QexportError(f"unknown onnxruntime opt_level {self.opt_level!r}; choose one of "
+                               f"{', '.join(_SAVE_LEVELS)}")
+
+
 @register_runtime("onnxruntime")
 class OnnxRuntime(Runtime):
     """ONNX Runtime on the CPU execution provider."""
 
+    options = OrtBuildOptions
+
     def build_engine(self, onnx_path: Path, out_dir: Path, *, fp32_onnx: Path | None = None,
-                     threads: int | None = None, force: bool = False, opt_level: str = "extended",
+                     threads: int | None = None, force: bool = False, opt_level: str = OrtBuildOptions.opt_level,
                      **opts) -> Path:
         """Optimize the QDQ model (and the FP32 baseline) with ONNX Runtime and keep the results.
 
@@ -128,8 +145,7 @@ class OnnxRuntime(Runtime):
 
         if opts:
             raise QexportError(f"unknown onnxruntime option(s): {', '.join(sorted(opts))}")
-        if opt_level not in _SAVE_LEVELS:
-            raise QexportError(f"unknown onnxruntime opt_level {opt_level!r}; choose one of {', '.join(_SAVE_LEVELS)}")
+        OrtBuildOptions(opt_level)  # validates
         out_dir = check_output_free(out_dir, force)
         threads = resolve_threads(threads)
         ins, outs, sources = source_specs(onnx_path, fp32_onnx)

@@ -20,6 +20,7 @@ model reports and a count of the runtime precision of every executed node (``run
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -147,13 +148,35 @@ class OpenVinoRunner(Runner):
         return np.array(self.request.get_output_tensor(0).data, copy=True)
 
 
+@dataclass(frozen=True)
+class OpenVinoBuildOptions:
+    """Build options of the openvino target (``qexport build-engine --target openvino --help``)."""
+
+    precision: str | None = field(default="f32", metadata={
+        "help": "INFERENCE_PRECISION_HINT of the INT8 model: f32 (the default: the glue between integer kernels in "
+                "f32, the parity setting), bf16, f16, or none for OpenVINO's own default"})
+    fp32_precision: str | None = field(default=None, metadata={
+        "help": "INFERENCE_PRECISION_HINT of the FP32 baseline (none: OpenVINO's default, what a user deploys)"})
+    dynamic_batch: bool = field(default=True, metadata={
+        "help": "make a static batch dim dynamic (kept static if the model cannot be reshaped)"})
+
+    def __post_init__(self) -> None:
+        for p in (self.precision, self.fp32_precision):
+            if p is not None and p not in _PRECISIONS:
+                raise QexportError(f"unknown OpenVINO precision {p!r}; choose one of {', '.join(_PRECISIONS)}")
+
+
 @register_runtime("openvino")
 class OpenVino(Runtime):
     """OpenVINO on the CPU plugin."""
 
+    options = OpenVinoBuildOptions
+
     def build_engine(self, onnx_path: Path, out_dir: Path, *, fp32_onnx: Path | None = None,
-                     threads: int | None = None, force: bool = False, precision: str | None = "f32",
-                     fp32_precision: str | None = None, dynamic_batch: bool = True, **opts) -> Path:
+                     threads: int | None = None, force: bool = False,
+                     precision: str | None = OpenVinoBuildOptions.precision,
+                     fp32_precision: str | None = OpenVinoBuildOptions.fp32_precision,
+                     dynamic_batch: bool = OpenVinoBuildOptions.dynamic_batch, **opts) -> Path:
         """Convert to IR, compile once for the CPU and keep IR, compiled-model cache and ``engine.json``.
 
         Args:
@@ -174,9 +197,7 @@ class OpenVino(Runtime):
         ov = _ov()
         if opts:
             raise QexportError(f"unknown openvino option(s): {', '.join(sorted(opts))}")
-        for p in (precision, fp32_precision):
-            if p is not None and p not in _PRECISIONS:
-                raise QexportError(f"unknown OpenVINO precision {p!r}; choose one of {', '.join(_PRECISIONS)}")
+        OpenVinoBuildOptions(precision, fp32_precision, dynamic_batch)  # validates
         hints = {"int8": precision, "fp32": fp32_precision}
         out_dir = check_output_free(out_dir, force)
         threads = resolve_threads(threads)

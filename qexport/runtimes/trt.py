@@ -17,6 +17,7 @@ GPU (tests marked ``tensorrt``). Device buffers are torch CUDA tensors, work is 
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -195,14 +196,42 @@ class TensorRTRunner(Runner):
         return stats_from_durations(durations, batch_size)
 
 
+@dataclass(frozen=True)
+class TensorRTBuildOptions:
+    """Build options of the tensorrt target (``qexport build-engine --target tensorrt --help``)."""
+
+    min_batch: int = field(default=1, metadata={"help": "smallest batch of the optimization profile"})
+    opt_batch: int = field(default=1, metadata={"help": "batch the kernels are tuned for"})
+    max_batch: int = field(default=64, metadata={"help": "largest batch the engine accepts"})
+    workspace_mb: int = field(default=4096, metadata={"help": "builder workspace memory pool limit (MiB)"})
+    fp32_mode: str = field(default="tf32", metadata={
+        "help": "precision of the FP32 baseline engine: tf32, fp32, fp16 or strongly_typed"})
+    timing_cache: str | None = field(default=None, metadata={
+        "help": "an extra timing cache file to start the build from"})
+
+    def __post_init__(self) -> None:
+        if self.fp32_mode not in _FP32_MODES:
+            raise QexportError(f"unknown fp32_mode {self.fp32_mode!r}; choose one of {', '.join(_FP32_MODES)}")
+        if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
+            raise QexportError(f"need 1 <= min_batch <= opt_batch <= max_batch, got {self.min_batch}, "
+                               f"{self.opt_batch}, {self.max_batch}")
+        if self.workspace_mb <= 0:
+            raise QexportError(f"workspace_mb must be positive, got {self.workspace_mb}")
+
+
 @register_runtime("tensorrt")
 class TensorRT(Runtime):
     """TensorRT 10 on an NVIDIA GPU."""
 
+    options = TensorRTBuildOptions
+
     def build_engine(self, onnx_path: Path, out_dir: Path, *, fp32_onnx: Path | None = None,
-                     threads: int | None = None, force: bool = False, min_batch: int = 1, opt_batch: int = 1,
-                     max_batch: int = 64, workspace_mb: int = 4096, fp32_mode: str = "tf32",
-                     timing_cache: Path | None = None, **opts) -> Path:
+                     threads: int | None = None, force: bool = False,
+                     min_batch: int = TensorRTBuildOptions.min_batch, opt_batch: int = TensorRTBuildOptions.opt_batch,
+                     max_batch: int = TensorRTBuildOptions.max_batch,
+                     workspace_mb: int = TensorRTBuildOptions.workspace_mb,
+                     fp32_mode: str = TensorRTBuildOptions.fp32_mode,
+                     timing_cache: Path | None = TensorRTBuildOptions.timing_cache, **opts) -> Path:
         """Build serialized TensorRT plans (strongly typed INT8 from the QDQ file; FP32 baseline optionally).
 
         Args:
@@ -224,11 +253,7 @@ class TensorRT(Runtime):
         """
         if opts:
             raise QexportError(f"unknown tensorrt option(s): {', '.join(sorted(opts))}")
-        if fp32_mode not in _FP32_MODES:
-            raise QexportError(f"unknown fp32_mode {fp32_mode!r}; choose one of {', '.join(_FP32_MODES)}")
-        if not 1 <= min_batch <= opt_batch <= max_batch:
-            raise QexportError(f"need 1 <= min_batch <= opt_batch <= max_batch, got {min_batch}, {opt_batch}, "
-                               f"{max_batch}")
+        TensorRTBuildOptions(min_batch, opt_batch, max_batch, workspace_mb, fp32_mode)  # validates
         trt = _require()
         out_dir = check_output_free(out_dir, force)
         threads = resolve_threads(threads)
