@@ -190,3 +190,59 @@ def write_folder(out: Path, pixels: torch.Tensor, labels: torch.Tensor, classes:
         img = arr[i][:, :, 0] if arr.shape[-1] == 1 else arr[i]
         Image.fromarray(np.ascontiguousarray(img)).save(out / classes[int(labels[i])] / f"{i:06d}.png")
     (out / "synthesis.json").write_text(json.dumps(info, indent=2, sort_keys=True))
+
+
+def synthesize_folder(model: str, weights: str | None, zoo: tuple[str, ...], cfg: SynthConfig, output,
+                      seed: int = 0, device: str = "auto", force: bool = False, resume: bool = False,
+                      quiet: bool = False) -> Path:
+    """``qexport synthesize``: load the target and the zoo, synthesize, write the image folder atomically.
+
+    Args:
+        model: target model spec.
+        weights: its checkpoint.
+        zoo: ``MODEL[=WEIGHTS]`` entries or zoo folders.
+        cfg: options.
+        output: folder to write.
+        seed: seed.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        force: overwrite an existing folder.
+        resume: continue an interrupted run.
+        quiet: no progress bars.
+
+    Returns:
+        The folder.
+    """
+    import shutil
+
+    from qexport.calibrate import resolve_device, work_dir_for
+    from qexport.fileio import atomic_dir, check_output_free
+    from qexport.models import load_model
+
+    out = Path(output)
+    check_output_free(out, force)
+    entries = expand_zoo(zoo)
+    if cfg.mode == "bns" and entries:
+        raise QexportError("--mode bns inverts the target model alone; drop --zoo or use --mode mixmix")
+    dev = resolve_device(device)
+    torch.manual_seed(seed)
+    target = load_model(model, weights)
+    if not target.num_classes:
+        raise QexportError(f"cannot tell how many classes {model} has (no final Linear layer); synthesis needs labels")
+    members = load_zoo(target, model, entries, dev)
+    work = work_dir_for(out)
+    if resume and not work.is_dir():
+        raise QexportError(f"--resume: no interrupted synthesis found for {out} (expected {work})")
+    if not resume and work.is_dir():
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    pixels, labels, info = run_synthesis(members, target.num_classes, cfg, seed, work, resume, quiet)
+    info.update({"model": model, "weights": weights, "weights_sha256": target.weights_sha256,
+                 "zoo_entries": [f"{s}={w}" if w else s for s, w in entries], "seed": seed,
+                 "options": dataclasses.asdict(cfg), "seconds": round(time.time() - started, 2),
+                 "real_images_read": 0, "input_shape": list(target.input_shape)})
+    classes = [f"{i:0{len(str(target.num_classes - 1))}d}" for i in range(target.num_classes)]
+    with atomic_dir(out, force) as tmp:
+        write_folder(tmp, pixels, labels, classes, info)
+    shutil.rmtree(work, ignore_errors=True)
+    return out
