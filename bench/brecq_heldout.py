@@ -9,6 +9,7 @@ measure the QuantSim on ``--eval-samples`` other training images: top-1 and agre
 from __future__ import annotations
 
 import argparse
+import resource
 import json
 import time
 
@@ -33,6 +34,12 @@ def _value(text: str):
         except ValueError:
             pass
     return text
+
+
+def cpu_seconds() -> float:
+    """CPU time this process has used (user + system): what the run costs on an idle machine, whatever the load."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def main() -> int:
@@ -78,7 +85,7 @@ def main() -> int:
     fp = 100 * (ref == y_ev).float().mean().item()
     print(json.dumps({"depth": args.depth, "bits": args.bits, "opts": opts, "mse_only": args.mse_only,
                       "fp32": round(fp, 2), "top1": round(top1, 2), "agree": round(agree, 2),
-                      "seconds": round(secs, 1)}), flush=True)
+                      "seconds": round(secs, 1), "cpu_seconds": round(cpu_seconds(), 1)}), flush=True)
     return 0
 
 

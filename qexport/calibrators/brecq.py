@@ -170,6 +170,7 @@ def reconstruct_block(sim, mod, block: Block, xq, yf, fisher, cfg: BrecqConfig, 
     Returns:
         Block metrics: output error with round-to-nearest, after rounding, after step sizes; iterations.
     """
+    t_start = time.perf_counter()
     layers = {name: sim.gm.get_submodule(name) for name in block.layers}
     rtn = block_error(mod, xq, yf)
     originals = {name: layer.weight_quantizer for name, layer in layers.items()}
@@ -209,7 +210,8 @@ def reconstruct_block(sim, mod, block: Block, xq, yf, fisher, cfg: BrecqConfig, 
             p.requires_grad_(False)
     final = block_error(mod, xq, yf)
     return {"block": block.name, "residual": block.residual, "rtn_error": rtn, "rounded_error": rounded,
-            "final_error": final, "iters": n_round, "act_iters": n_act}
+            "final_error": final, "iters": n_round, "act_iters": n_act,
+            "seconds": round(time.perf_counter() - t_start, 3)}
 
 
 def _checkpoint(ctx: CalibrationContext, state: dict) -> None:

@@ -20,7 +20,6 @@ checkpoint folder, so an interrupted run resumes at the next batch.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 
 import torch
