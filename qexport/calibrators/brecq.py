@@ -62,11 +62,11 @@ class BrecqConfig:
     time_budget: Optional[str] = field(default=None, metadata={"help": "cap for the whole run, e.g. 15m; split "
                                                                        "over blocks by their cost"})
 
-
     @classmethod
     def contract_options(cls) -> dict:
         """A run of seconds on a tiny model, for the contract test (tests/test_contract.py)."""
         return {"iters": 4, "act_iters": 2, "batch_size": 4}
+
     def __post_init__(self) -> None:
         if self.iters <= 0:
             raise QexportError(f"--iters must be positive for brecq (rounding iterations per block), got {self.iters}")

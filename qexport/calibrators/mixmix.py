@@ -48,6 +48,7 @@ class MixMixConfig:
     def contract_options(cls) -> dict:
         """A run of seconds on a tiny model, for the contract test (tests/test_contract.py)."""
         return {"num_images": 8, "synth_iters": 2, "synth_batch_size": 4, "iters": 4, "act_iters": 2, "batch_size": 4}
+
     def __post_init__(self) -> None:
         if not 0.0 < self.synth_share < 1.0:
             raise QexportError(f"--synth-share must be in (0, 1), got {self.synth_share}")
