@@ -54,6 +54,21 @@ def test_every_field_is_a_flag_with_help_that_round_trips(info):
         assert _parse(info.name, *args) == default, (info.name, args)
 
 
+@pytest.mark.parametrize("command", ["calibrate", "run"])
+def test_no_method_option_is_shadowed_by_a_command_flag(command):
+    """A method field named like a command flag (``--data``, ``--seed``) could only be reached by --opt."""
+    import typer
+
+    from qexport.cli import app
+    from qexport.cli_options import _generic_flags
+
+    cmd = typer.main.get_command(app).commands[command]
+    generic = set(_generic_flags(cmd))
+    for info in list_calibrators():
+        flags = {f for s in option_specs(info.config) for f in (s.flag, s.off_flag) if f}
+        assert not flags & generic, (info.name, flags & generic)
+
+
 def test_adasg_help_lists_every_field(qx):
     res = qx("calibrate", "--method", "adasg", "--help")
     assert res.code == 0
