@@ -80,6 +80,7 @@ def _method_command(command: str, pick=None) -> type:
 _OPT_HELP = "A method option as key=value (repeatable), e.g. --opt time_budget=30m; same as the flag."
 _OPTIONS_HELP = "JSON file of method options {name: value}; --opt and flags override it."
 
+
 @app.command(cls=_method_command("calibrate", pick=_replay_method))
 def calibrate(
     ctx: typer.Context,

@@ -16,8 +16,7 @@ import typer
 from typer.core import TyperCommand
 
 from qexport.errors import QexportError
-from qexport.options import (flag_owners, options_help, parse_opt_pairs, read_options_file, split_option_args,
-                             typed_values)
+from qexport.options import option_specs, options_help, parse_opt_pairs, read_options_file, typed_values
 
 _META = "qexport.selector"
 
@@ -44,6 +43,86 @@ def _generic_flags(command) -> dict[str, bool]:
             if o.startswith("-"):
                 out[o] = takes
     return out
+
+
+def flag_owners(configs: dict[str, type]) -> dict[str, list[str]]:
+    """Which owners take each flag (for the message when a flag belongs to another method).
+
+    Args:
+        configs: owner name -> config class.
+
+    Returns:
+        flag -> owner names.
+    """
+    out: dict[str, list[str]] = {}
+    for owner, cls in configs.items():
+        for s in option_specs(cls):
+            for flag in (s.flag, s.off_flag):
+                if flag:
+                    out.setdefault(flag, []).append(owner)
+    return out
+
+
+def split_option_args(args: list[str], config_cls: type, owner: str, generic: dict[str, bool],
+                      others: dict[str, list[str]] | None = None,
+                      see: str = "") -> tuple[list[str], dict[str, str | bool]]:
+    """Take the config's flags out of a command line, leaving the command's own arguments.
+
+    Args:
+        args: the command's arguments.
+        config_cls: the selected method's (or runtime's) config class.
+        owner: ``--method adasg``, for messages.
+        generic: the command's own flags -> whether each takes a value (kept, with their value, untouched).
+        others: flag -> other owners taking it, for a helpful message.
+        see: where the valid options are listed (``qexport calibrate --method adasg --help``).
+
+    Returns:
+        (the remaining arguments, option name -> text value or bool).
+    """
+    specs = option_specs(config_cls)
+    on = {s.flag: s for s in specs}
+    off = {s.off_flag: s for s in specs if s.off_flag}
+    rest: list[str] = []
+    values: dict[str, str | bool] = {}
+    i = 0
+    while i < len(args):
+        tok = args[i]
+        i += 1
+        if tok == "--":
+            rest.extend(args[i - 1:])
+            break
+        if not tok.startswith("-") or tok == "-":
+            rest.append(tok)
+            continue
+        name, eq, inline = tok.partition("=")
+        if name in generic or not tok.startswith("--"):
+            rest.append(tok)
+            takes = generic.get(name, not tok.startswith("--") and len(tok) == 2)
+            if takes and not eq and i < len(args):
+                rest.append(args[i])
+                i += 1
+            continue
+        if name in off:
+            if eq:
+                raise QexportError(f"{name} of {owner} takes no value")
+            values[off[name].name] = False
+        elif name in on:
+            spec = on[name]
+            if spec.is_bool and not eq:
+                values[spec.name] = True
+            elif eq:
+                values[spec.name] = inline
+            elif i < len(args):
+                values[spec.name] = args[i]
+                i += 1
+            else:
+                raise QexportError(f"option {name} of {owner} needs a value ({spec.type_label})")
+        else:
+            hint = ""
+            if others and others.get(name):
+                hint = f" (it is an option of {', '.join(others[name])})"
+            raise QexportError(f"{name} does not apply to {owner}{hint}" + (f"; see `{see}`" if see else ""))
+    return rest, values
 
 
 def selector_command(*, selector: str, default: str, kind: str, command: str,

@@ -21,8 +21,8 @@ from conftest import TINY, assert_user_error, tree
 from qexport.calibrators import get_calibrator, list_calibrators
 from qexport.calibrators.adasg_config import AdaSGConfig
 from qexport.errors import QexportError
-from qexport.options import (build_config, config_from_record, config_record, option_specs, split_option_args,
-                             typed_values)
+from qexport.cli_options import split_option_args
+from qexport.options import build_config, config_from_record, config_record, option_specs, typed_values
 
 
 def _parse(method: str, *args: str):
