@@ -242,9 +242,9 @@ def read_engine_meta(engine_dir: str | os.PathLike, target: str | None = None, w
     check(meta, ENGINE_SCHEMA, "", str(p), _REBUILD)
     if meta.get("threads") is not None and meta["threads"] < 1:
         raise QexportError(f"{p}: field threads must be >= 1, got {meta['threads']}; {_REBUILD}")
-    for which, name in meta["models"].items():
+    for kind, name in meta["models"].items():
         if name is not None and (Path(name).name != name or name in (".", "..")):
-            raise QexportError(f"{p}: field models.{which} must be a file name in the engine folder, got {name!r}; "
+            raise QexportError(f"{p}: field models.{kind} must be a file name in the engine folder, got {name!r}; "
                                f"{_REBUILD}")
     if target is not None and meta["target"] != target:
         raise QexportError(f"{d} is an engine for {meta['target']!r}, not {target!r}; "
