@@ -92,6 +92,11 @@ class OrtRunner(Runner):
     def __init__(self, session, meta: dict, which: str, threads: int):
         super().__init__(meta, which, threads)
         self.session = session
+        ins, outs = {i.name for i in session.get_inputs()}, {o.name for o in session.get_outputs()}
+        if self.input_name not in ins or self.output_name not in outs:
+            raise QexportError(f"engine.json names input {self.input_name!r} / output {self.output_name!r} for the "
+                               f"{which} model, which has inputs {sorted(ins)} and outputs {sorted(outs)}; "
+                               "rebuild it with `qexport build-engine`")
 
     def _infer(self, x: np.ndarray) -> np.ndarray:
         return self.session.run([self.output_name], {self.input_name: x})[0]
