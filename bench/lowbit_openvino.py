@@ -26,7 +26,7 @@ from engine_speed import _log  # noqa: E402
 
 
 def _export(recipe_dir: Path, out: Path, code_clip: bool, threads: int) -> Path:
-    from qexport.engine_build import build_engine_folder
+    from qexport.build_engine import build_engine_folder
     from qexport.export import qdq as qdq_mod
 
     targets = ("onnxruntime", "openvino") if code_clip else ("onnxruntime",)
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     from qexport import shared
     from qexport.data import ImageFolder, load_tensor
     from qexport.models import Preprocess
-    from qexport.pipeline import CalibrateConfig, calibrate
+    from qexport.calibrate import CalibrateConfig, calibrate
     from qexport.recipe import QuantRecipe
     from qexport.runtimes import load_engine
     from qexport.verify.latency import interleaved_compare

@@ -110,7 +110,7 @@ def test_grid_bits():
 # ---------------------------------------------------------------- ResNet-20 W4A4 (shared folder)
 @pytest.fixture(scope="module")
 def r20_w4a4_engine(tmp_path_factory, r20_w4a4):
-    from qexport.engine_build import build_engine_folder
+    from qexport.build_engine import build_engine_folder
     from qexport.export.qdq import export_recipe
 
     d = tmp_path_factory.mktemp("r20_w4a4_lowbit")
