@@ -98,10 +98,12 @@ def count_macs(onnx_path: Path) -> int:
     for node in m.graph.node:
         if node.op_type == "Conv":
             w, out = weights[node.input[1]], shapes[node.output[0]]
-            total += int(np.prod(out)) * int(np.prod(w[1:]))
+            total += int(np.prod(out[1:])) * int(np.prod(w[1:]))  # batch 1 (inference may lose the dim)
         elif node.op_type in ("Gemm", "MatMul"):
             w, out = weights[node.input[1]], shapes[node.output[0]]
-            total += int(np.prod(out)) * int(min(w))
+            trans_b = any(a.name == "transB" and a.i for a in node.attribute)
+            k = w[1] if (node.op_type == "Gemm" and trans_b) else w[0]
+            total += int(np.prod(out[1:])) * int(k)
     return total
 
 
