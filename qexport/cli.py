@@ -233,6 +233,11 @@ def check(
     raise typer.Exit(run_check(onnx_file, target, echo=typer.echo))
 
 
+from qexport.cli_sensitivity import sensitivity as _sensitivity  # noqa: E402
+
+app.command("sensitivity")(_sensitivity)
+
+
 def _exception_classes() -> tuple[type, type, type]:
     """(Exit, ClickException, Abort) as this typer raises them (typer >= 0.29 bundles its own click)."""
     try:

@@ -137,6 +137,7 @@ def calibrate(cfg: CalibrateConfig) -> Path:
 
         bits, allocation = allocate_for_run(cfg.auto_bits, cfg.model, folded, cfg.target, data, cfg.seed,
                                             cfg.keep_float, cfg.quiet)
+        plan = build_plan(folded, cfg.target, bits, tuple(cfg.keep_float))
     sim = QuantSim(folded, plan)
     work = work_dir_for(Path(cfg.output))
     if cfg.resume and not work.is_dir():
