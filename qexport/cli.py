@@ -236,6 +236,7 @@ def check(
 from qexport.cli_sensitivity import sensitivity as _sensitivity  # noqa: E402
 
 app.command("sensitivity")(_sensitivity)
+app.command("compare")(__import__("qexport.cli_compare", fromlist=["compare"]).compare)
 
 
 def _exception_classes() -> tuple[type, type, type]:
