@@ -91,8 +91,9 @@ def _accuracy_vs_latency(plt, rows, out, name, model, save) -> None:
         for p, r in zip(pts, rs):
             ax.annotate(r["bits"], p, fontsize=6, xytext=(3, 3), textcoords="offset points")
         front = [pts[i] for i in pareto_front(pts)]
-        ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="black", lw=1,
-                label="Pareto front", zorder=2)
+        ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="black", lw=1, zorder=2)
+        ax.scatter([p[0] for p in front], [p[1] for p in front], s=140, facecolors="none", edgecolors="black",
+                   label="Pareto front", zorder=4)
         fp = rs[0].get("fp32_latency_b1_ms")
         if fp:
             ax.axvline(fp, color="grey", lw=0.8, ls="--", label="FP32 engine latency")
