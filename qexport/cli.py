@@ -233,10 +233,11 @@ def check(
     raise typer.Exit(run_check(onnx_file, target, echo=typer.echo))
 
 
+from qexport.cli_compare import compare as _compare  # noqa: E402
 from qexport.cli_sensitivity import sensitivity as _sensitivity  # noqa: E402
 
 app.command("sensitivity")(_sensitivity)
-app.command("compare")(__import__("qexport.cli_compare", fromlist=["compare"]).compare)
+app.command("compare")(_compare)
 
 
 def _exception_classes() -> tuple[type, type, type]:
