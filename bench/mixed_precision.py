@@ -1,10 +1,10 @@
 """Mixed precision on CIFAR-10 ResNet-20 (mse calibration, activations 8 bits): sensitivity-based per-layer
 weight widths vs uniform W4A8 vs random per-layer allocations at the same mean width, in one run.
 
-    python bench/mixed_precision.py                       # budgets 4.0 and 4.5, 5 random seeds, all test-dev
+    python bench/mixed_precision.py                       # budgets 4.0 and 4.5, 5 random seeds at 4.5, all test-dev
     python bench/mixed_precision.py --eval-samples 1000 --random-seeds 2
 
-Steps: one sensitivity table (``qexport sensitivity`` at the default probe widths w3a4,w4a4,w6a6 on 256
+Steps: one sensitivity table (``qexport sensitivity`` at the default probe widths w3a4,w4a4,w6a6 on 128
 calibration images: only its weight column is used here); for each budget ``--bits auto --weight-bits-avg B``
 (knapsack) and random allocations with the same candidate widths {3, 4, 6, 8} filling the same budget; uniform
 W4A8 and W5A8 as references. Every recipe: mse, 512 training images, seed 0. Top-1 of QuantSim on test-dev
@@ -27,7 +27,7 @@ from qexport.data import load_tensor
 from qexport.mixed.allocate import AutoBitsConfig
 from qexport.mixed.sensitivity_run import SensitivityConfig, load_table, run_sensitivity
 from qexport.models import load_model
-from qexport.pipeline import CalibrateConfig, calibrate
+from qexport.calibrate import CalibrateConfig, calibrate
 from qexport.quant.layer_bits import mean_weight_bits
 from qexport.recipe import QuantRecipe
 from qexport.shared import cifar_checkpoint, cifar_images
@@ -69,7 +69,8 @@ def top1(recipe_dir: Path, x: torch.Tensor, y: torch.Tensor) -> float:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budgets", default="4.0,4.5", help="mean weight bits budgets")
-    ap.add_argument("--random-seeds", type=int, default=5)
+    ap.add_argument("--random-seeds", type=int, default=5, help="random allocations at the largest budget")
+    ap.add_argument("--sens-samples", type=int, default=128, help="calibration images of the sensitivity table")
     ap.add_argument("--eval-samples", type=int, default=None, help="test-dev subset (default all 5,000)")
     ap.add_argument("--num-samples", type=int, default=512)
     args = ap.parse_args(argv)
@@ -86,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
                     num_samples=args.num_samples, seed=0, quiet=True)
         t0 = time.time()
         run_sensitivity(SensitivityConfig(model="cifar:resnet20", output=tmp / "sens", data=str(train),
-                                          bits="w3a4,w4a4,w6a6", weights=str(ckpt), quiet=True))
+                                          bits="w3a4,w4a4,w6a6", weights=str(ckpt), num_samples=args.sens_samples,
+                                          quiet=True))
         print(f"sensitivity table: {time.time() - t0:.0f} s wall; most sensitive (w3 weights): "
               + ", ".join(r["layer"] for r in sorted(load_table(tmp / "sens")["layers"],
                                                      key=lambda r: -r["loss"]["w3a4"]["weight"])[:4]))
@@ -110,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             run(f"sensitivity avg {b:g}", bits="auto",
                 auto_bits=AutoBitsConfig(weight_bits_avg=b, sensitivity=str(tmp / "sens")))
             accs = []
-            for s in range(args.random_seeds):
+            for s in range(args.random_seeds if b == budgets[-1] else 0):
                 widths = random_allocation(numels, b, s)
                 run(f"random avg {b:g} seed {s}", bits="w8a8",
                     layer_bits=tuple(f"{n}={'w%da8' % w}" for n, w in sorted(widths.items())))
@@ -123,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _engine_check(recipe: Path, test: Path, eval_samples: int | None) -> None:
-    from qexport.engine_build import build_engine_folder
+    from qexport.build_engine import build_engine_folder
     from qexport.export.qdq import export_recipe
     from qexport.verify.compare import VerifyConfig, verify
 

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from conftest import TINY, assert_user_error, tree
-from qexport.pipeline import CalibrateConfig, calibrate
+from qexport.calibrate import CalibrateConfig, calibrate
 from qexport.recipe import QuantRecipe
 
 MIXED = ("conv2=w4a4", "fc=w3a6")
@@ -37,7 +37,7 @@ def test_plan_holds_each_layers_widths(tmp_path, tiny_images):
 def test_mixed_plan_engine_matches_quantsim_point_by_point(tmp_path, tiny_images, target):
     """Export + engine of a mixed plan: every activation point's codes equal QuantSim's (op by op)."""
     from qexport.data import ImageFolder
-    from qexport.engine_build import build_engine_folder
+    from qexport.build_engine import build_engine_folder
     from qexport.export.qdq import export_recipe
     from qexport.models import Preprocess
     from qexport.verify.divergence import first_divergent_layer

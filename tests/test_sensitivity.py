@@ -111,7 +111,7 @@ def test_bits_auto_meets_the_budget_impossible_budget_says_the_minimum(tmp_path,
 
 def test_bits_auto_measures_when_no_table(tmp_path, tiny_images):
     from qexport.mixed.allocate import AutoBitsConfig
-    from qexport.pipeline import CalibrateConfig, calibrate
+    from qexport.calibrate import CalibrateConfig, calibrate
 
     out = calibrate(CalibrateConfig(model=TINY, output=tmp_path / "r", method="mse", bits="auto", data=str(tiny_images),
                                     num_samples=16, quiet=True, auto_bits=AutoBitsConfig(size_kb=1.2, act_bits_avg=6)))

@@ -28,7 +28,7 @@ def ensure_recipe(cfg, out: Path, method: str, bits: str, plan_target: str) -> P
         The recipe folder.
     """
     from qexport.calibrators import get_calibrator
-    from qexport.pipeline import CalibrateConfig, calibrate, work_dir_for
+    from qexport.calibrate import CalibrateConfig, calibrate, work_dir_for
 
     folder = recipe_dir(out, method, bits, plan_target)
     if (folder / "recipe.json").is_file():
@@ -52,7 +52,7 @@ def _export(recipe: Path, target: str, folder: Path) -> Path:
 
 
 def _engine(onnx_path: Path, target: str, folder: Path, threads: int | None) -> Path:
-    from qexport.engine_build import build_engine_folder
+    from qexport.build_engine import build_engine_folder
 
     engine = folder / "engine"
     if (engine / "engine.json").is_file():
