@@ -121,8 +121,8 @@ def measure_sensitivity(folded, target: str, widths: list[tuple[int, int | None]
     probes = [(w, a, _Probe(folded, target, w, a, data, keep_float, seed, batch_size)) for w, a in widths]
     plan = probes[0][2].plan
     elems = _input_elements(probes[0][2].sim, data[:1])
-    for lp in plan.layers:
-        rows[lp.name] = {"layer": lp.name, "kind": lp.kind, "weights": int(folded.get_submodule(lp.name).weight.numel()),
+    for i, lp in enumerate(plan.layers):
+        rows[lp.name] = {"layer": lp.name, "index": i, "kind": lp.kind, "weights": int(folded.get_submodule(lp.name).weight.numel()),
                          "input_point": lp.input_point, "input_elems": elems.get(lp.input_point), "loss": {}}
     total = len(probes) * len(plan.layers)
     with progress_bar(total, "sensitivity", quiet) as bar:

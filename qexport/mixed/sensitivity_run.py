@@ -155,9 +155,9 @@ def pyplot():
 
 
 def plot_table(table: dict, path: Path) -> None:
-    """Horizontal bars per layer (graph order): the loss of its weights and of its input at each probe width."""
+    """Horizontal bars per layer (graph order, first layer at the top): the loss of its weights and of its input at each probe width."""
     plt = pyplot()
-    rows = sorted(table["layers"], key=lambda r: r["layer"])
+    rows = sorted(table["layers"], key=lambda r: r.get("index", 0))  # graph order
     widths = table["widths"]
     fig, axes = plt.subplots(1, len(widths), figsize=(5 * len(widths), 0.28 * len(rows) + 1.5), squeeze=False,
                              sharey=True)
