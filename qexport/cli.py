@@ -235,7 +235,9 @@ def check(
 
 from qexport.cli_compare import compare as _compare  # noqa: E402
 from qexport.cli_sensitivity import sensitivity as _sensitivity  # noqa: E402
+from qexport.cli_synthesize import synthesize as _synthesize  # noqa: E402
 
+app.command("synthesize")(_synthesize)
 app.command("sensitivity")(_sensitivity)
 app.command("compare")(_compare)
 
