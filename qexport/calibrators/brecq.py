@@ -24,6 +24,7 @@ cut to what its share allows (measured on the first iterations). Resumable per b
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -260,7 +261,8 @@ def calibrate_brecq(ctx: CalibrationContext, cfg: BrecqConfig) -> dict:
     names = set(sim.layers())
     blocks = find_blocks(sim.gm, names)
     mods = [block_module(sim.gm, b) for b in blocks]
-    fmods = [block_module(ctx.folded.to(ctx.device).eval(), b, float_path=True) for b in blocks]
+    folded = ctx.folded if ctx.device == "cpu" else copy.deepcopy(ctx.folded).to(ctx.device)
+    fmods = [block_module(folded.eval(), b, float_path=True) for b in blocks]
     cfg_json = json.dumps(dataclasses.asdict(cfg), sort_keys=True)
     state = _resume_state(ctx, cfg_json)
     if state is None:
