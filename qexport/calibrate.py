@@ -16,6 +16,7 @@ import torch
 from qexport.errors import QexportError
 from qexport.fileio import atomic_dir, check_output_free
 from qexport.progress import progress_bar
+from qexport.quant.layer_bits import resolve_bits
 from qexport.quant.spec import BitsConfig
 
 
@@ -41,6 +42,8 @@ class CalibrateConfig:
         resume: continue an interrupted run from its checkpoint.
         quiet: no progress bars.
         options: method options (validated by the method's config).
+        layer_bits: ``NAME=wNaM`` per-layer widths on top of ``bits`` (mixed precision).
+        auto_bits: with ``bits="auto"``: the budget per-layer widths are chosen for (qexport/mixed/allocate.py).
     """
 
     model: str
@@ -62,6 +65,8 @@ class CalibrateConfig:
     resume: bool = False
     quiet: bool = False
     options: dict = field(default_factory=dict)
+    layer_bits: tuple[str, ...] = ()
+    auto_bits: object | None = None
 
 
 def resolve_device(device: str) -> str:
@@ -100,7 +105,12 @@ def calibrate(cfg: CalibrateConfig) -> Path:
 
     info = get_calibrator(cfg.method)
     method_cfg = build_config(info.config, cfg.options, f"--method {cfg.method}")
-    bits = BitsConfig.parse(cfg.bits, cfg.first_last_bits)
+    auto = cfg.bits.strip().lower() == "auto"
+    if auto and cfg.auto_bits is None:
+        raise QexportError("--bits auto needs a budget: --weight-bits-avg 4.5, --size-kb 100 or --act-bits-avg 6")
+    if not auto and cfg.auto_bits is not None:
+        raise QexportError("--weight-bits-avg, --act-bits-avg and --size-kb go with --bits auto")
+    bits = BitsConfig(8, 8) if auto else resolve_bits(cfg.bits, cfg.layer_bits, cfg.first_last_bits)
     check_output_free(cfg.output, cfg.force)
     if cfg.num_samples <= 0:
         raise QexportError(f"--num-samples must be positive, got {cfg.num_samples}")
@@ -123,6 +133,13 @@ def calibrate(cfg: CalibrateConfig) -> Path:
             data, labels = load_tensor(folder, num_samples=cfg.num_samples, seed=cfg.seed,
                                        progress=lambda done, total: bar.update(completed=done))
         data_fp = folder.fingerprint()
+    allocation = None
+    if auto:
+        from qexport.mixed.allocate import allocate_for_run
+
+        bits, allocation = allocate_for_run(cfg.auto_bits, cfg.model, folded, cfg.target, data, cfg.seed,
+                                            cfg.keep_float, cfg.quiet)
+        plan = build_plan(folded, cfg.target, bits, tuple(cfg.keep_float))
     sim = QuantSim(folded, plan)
     work = work_dir_for(Path(cfg.output))
     if cfg.resume and not work.is_dir():
@@ -137,6 +154,8 @@ def calibrate(cfg: CalibrateConfig) -> Path:
         metrics = info.fn(ctx, method_cfg) or {}
         sim = ctx.sim.cpu().eval()
         metrics["calibration_seconds"] = round(time.time() - started, 2)
+        if allocation is not None:
+            metrics["mixed_precision"] = allocation
         ref = ModelRef(cfg.model, tuple(loaded.input_shape), loaded.preprocess.to_dict(), loaded.num_classes,
                        str(cfg.weights) if cfg.weights else None, loaded.weights_sha256)
         provenance = {"method": cfg.method, "config": config_record(method_cfg), "seed": cfg.seed,
@@ -151,7 +170,7 @@ def calibrate(cfg: CalibrateConfig) -> Path:
 
 
 _REPLAYED = ("model", "method", "bits", "target", "weights", "data", "num_samples", "seed", "first_last_bits",
-             "keep_float", "input_size", "mean", "std")
+             "keep_float", "input_size", "mean", "std", "layer_bits")
 
 
 def _invocation(cfg: CalibrateConfig) -> dict:
@@ -219,6 +238,9 @@ def replay_config(recipe_dir: Path, output: Path, *, force: bool = False, quiet:
         raise QexportError(f"--replay {recipe_dir}: provenance.invocation lacks {', '.join(missing)}; recalibrate")
     if not isinstance(inv["method"], str):
         raise QexportError(f"--replay {recipe_dir}: provenance.invocation.method must be a method name")
+    if inv["bits"] == "auto":
+        raise QexportError(f"--replay {recipe_dir}: the recipe chose its widths with --bits auto; recalibrate it with "
+                           "the same budget instead")
     info = get_calibrator(inv["method"])
     method_cfg = config_from_record(prov["config"], info.config, f"--replay {recipe_dir} (--method {info.name})")
     values = {f.name: getattr(method_cfg, f.name) for f in dataclasses.fields(method_cfg)}
