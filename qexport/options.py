@@ -206,7 +206,8 @@ def build_config(config_cls: type, values: dict, owner: str, *, from_text: bool 
     for key, raw in values.items():
         name = str(key).replace("-", "_")
         if name not in specs:
-            raise QexportError(f"{owner} takes no option {key!r}; its options: {', '.join(specs) or 'none'}")
+            raise QexportError(f"--{name.replace('_', '-')} does not apply to {owner}; its options: "
+                               f"{', '.join(specs) or 'none'}")
         spec = specs[name]
         try:
             kwargs[name] = _from_text(spec.tp, raw) if from_text and isinstance(raw, str) else _from_json(spec.tp, raw)
@@ -347,7 +348,8 @@ def typed_values(config_cls: type, values: dict, owner: str) -> dict:
     for key, raw in values.items():
         name = str(key).replace("-", "_")
         if name not in specs:
-            raise QexportError(f"{owner} takes no option {key!r}; its options: {', '.join(specs) or 'none'}")
+            raise QexportError(f"--{name.replace('_', '-')} does not apply to {owner}; its options: "
+                               f"{', '.join(specs) or 'none'}")
         if isinstance(raw, bool):
             out[name] = raw
             continue
