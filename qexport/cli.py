@@ -103,12 +103,13 @@ def export_cmd(
     output: Path = typer.Option(..., "-o", "--output", help="QDQ ONNX file; the FP32 baseline goes beside it as <name>.fp32.onnx."),
     target: str = typer.Option("onnxruntime", help="onnxruntime (uint8 activations), tensorrt (int8, zero point 0) or openvino."),
     opset: int = typer.Option(17, help="ONNX opset (>= 13)."),
+    erf_encoding: str = typer.Option("erf", help="Aligned (alignq) activations as 'erf' (DQ, Erf, Q: every runtime) or 'lookup' (a table from incoming to outgoing 8-bit codes: onnxruntime/openvino)."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing files."),
 ) -> None:
     """Export a recipe as QDQ ONNX for a target (checked against the target's rules before writing)."""
     from qexport.export.qdq import export_recipe
 
-    qdq, fp32, _ = export_recipe(recipe, target, output, force=force, opset=opset)
+    qdq, fp32, _ = export_recipe(recipe, target, output, force=force, opset=opset, erf_encoding=erf_encoding)
     typer.echo(f"wrote {qdq} ({target} QDQ) and {fp32} (FP32 baseline)")
 
 

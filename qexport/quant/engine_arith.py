@@ -211,7 +211,7 @@ class OrtIntegerArithmetic:
             if user not in aq_of:
                 return None
         aq = aq_of[user]
-        zp, clipped = ort_encoding(aq.spec)
+        zp, clipped = ort_encoding(aq.incoming()[1])
         if clipped or (via_relu and zp != 0):  # a Clip blocks the fusion; Relu goes only before zero point 0
             return None
         return aq
@@ -251,8 +251,9 @@ class OrtIntegerArithmetic:
             acc = acc + qb.to(torch.float64).view(shape)
         if out_aq is None:  # QGemm with a float output
             return acc.to(torch.float32) * bias_scale.view(shape)
-        s_out = out_aq.scale.detach().to(torch.float32)
-        zp, _ = ort_encoding(out_aq.spec)
+        s_out, out_spec = out_aq.incoming()  # an aligned point's incoming codes are the kernel's output
+        s_out = s_out.detach().to(torch.float32)
+        zp, _ = ort_encoding(out_spec)
         return requantize_levels(acc, (bias_scale / s_out).view(shape), zp) * s_out
 
     def add(self, node: fx.Node, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
