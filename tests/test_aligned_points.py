@@ -219,3 +219,12 @@ def test_tensorrt_plan_exports_erf_and_refuses_lookup(tmp_path):
     assert "Erf" in [n.op_type for n in model.graph.node]
     with pytest.raises(QexportError, match="erf-encoding erf"):
         build_qdq_model(recipe, "tensorrt", erf_encoding="lookup")
+
+
+def test_tensorrt_rules_flag_a_code_lookup(aligned):
+    from qexport.export.check import check_model
+    from qexport.export.qdq import build_qdq_model
+
+    model = build_qdq_model(QuantRecipe.load(aligned[0]), "onnxruntime", erf_encoding="lookup")
+    rules = {v.rule for v in check_model(model, "tensorrt")}
+    assert "trt-no-lookup" in rules and "qdq-pair" not in rules
