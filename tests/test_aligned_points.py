@@ -172,7 +172,7 @@ def test_exported_file_equals_quantsim_op_by_op(tmp_path, aligned, encoding):
 
 
 def test_onnxruntime_engine_equals_integer_emulation_and_openvino_agrees(tmp_path, aligned):
-    from qexport.engine_build import build_engine_folder
+    from qexport.build_engine import build_engine_folder
     from qexport.export.qdq import export_recipe
     from qexport.quant.engine_arith import emulated_here
     from qexport.runtimes import load_engine
