@@ -133,7 +133,9 @@ def build_engine(
 def verify(
     engine: Path = typer.Argument(..., help="Engine folder from `qexport build-engine`."),
     recipe: Path = typer.Option(..., help="The recipe folder the engine was exported from."),
-    data: Path = typer.Option(..., help="Image folder (class subfolders give top-1)."),
+    data: list[Path] = typer.Option(..., help="Image folder (class subfolders give top-1). Repeatable: every folder is "
+                                    "evaluated and reported (the first is the main one); a folder written by "
+                                    "`qexport corrupt` stands for all its corrupted folders."),
     report: Optional[Path] = typer.Option(None, help="Report folder (default: <engine>.report beside the engine)."),
     num_samples: Optional[int] = typer.Option(None, help="Use a seeded subset of this many images (default all)."),
     batch_size: int = typer.Option(64, help="Inference batch size."),
@@ -151,7 +153,10 @@ def verify(
     from qexport.verify.report import print_report
 
     sizes = tuple(b for b in bench_batch if b > 0)
-    cfg = VerifyConfig(engine=engine, recipe=recipe, data=data, report=report, num_samples=num_samples, seed=seed,
+    from qexport.data.corrupt import expand_data_folders
+
+    folders = expand_data_folders(data)
+    cfg = VerifyConfig(engine=engine, recipe=recipe, data=folders[0], more_data=tuple(folders[1:]), report=report, num_samples=num_samples, seed=seed,
                        batch_size=batch_size, threads=threads, bench_batch_sizes=sizes, bench_iters=bench_iters,
                        max_drop=max_drop, min_agreement=min_agreement, force=force, quiet=quiet)
     rep, out = run_verify(cfg)
@@ -217,6 +222,11 @@ def _exception_classes() -> tuple[type, type, type]:
     except ImportError:  # older typer uses click itself
         from click.exceptions import Abort, ClickException, Exit
     return Exit, ClickException, Abort
+
+
+from qexport.cli_corrupt import corrupt  # noqa: E402
+
+app.command()(corrupt)
 
 
 def main() -> None:
