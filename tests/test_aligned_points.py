@@ -228,3 +228,15 @@ def test_tensorrt_rules_flag_a_code_lookup(aligned):
     model = build_qdq_model(QuantRecipe.load(aligned[0]), "onnxruntime", erf_encoding="lookup")
     rules = {v.rule for v in check_model(model, "tensorrt")}
     assert "trt-no-lookup" in rules and "qdq-pair" not in rules
+
+
+def test_export_cli_encoding_option(tmp_path, aligned, qx):
+    from conftest import assert_user_error, tree
+
+    out = tmp_path / "out"
+    out.mkdir()
+    assert_user_error(qx("export", aligned[0], "-o", out / "m.onnx", "--erf-encoding", "table"), "erf-encoding")
+    assert tree(out) == set()
+    res = qx("export", aligned[0], "-o", out / "m.onnx", "--erf-encoding", "lookup")
+    assert res.code == 0, res.err
+    assert "Gather" in {n.op_type for n in onnx.load(str(out / "m.onnx")).graph.node}
