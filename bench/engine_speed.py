@@ -1,6 +1,6 @@
 """INT8 engine speed on the CPU: qexport's ONNX Runtime engine vs the FP32 engine and vs ORT's own quantizer.
 
-One run, one process, everything timed interleaved (``qexport.verify.latency.interleaved_compare``), so the
+One run, one process, everything timed interleaved (``qexport.latency.interleaved_compare``), so the
 ratios printed at the end are the figures (absolute times on a shared 2-core machine are noisy):
 
 - ``resnet18``: torchvision ResNet-18, random weights, 1x3x224x224, batch 1. qexport ``minmax`` W8A8
@@ -166,7 +166,7 @@ def prepare(name: str, work: Path, threads: int) -> dict | None:
 def time_model(name: str, built: dict, threads: int, iters: int) -> dict:
     """Interleaved timing of FP32, qexport INT8 and ORT-quantizer INT8 engines at the model's batch size."""
     from qexport.runtimes import load_engine
-    from qexport.verify.latency import interleaved_compare
+    from qexport.latency import interleaved_compare
 
     b = built["batch"]
     runners = {"fp32": load_engine(built["engine"], "fp32", threads),

@@ -11,13 +11,15 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qexport.errors import QexportError
 from qexport.export.check import (
-    TARGETS,
     Violation,
     assert_valid,
     check_model,
     list_rules,
     run_check,
 )
+from qexport.quant.targets import list_targets
+
+TARGETS = list_targets()
 
 RULE_IDS = {"opset", "onnx-checker", "no-integer-ops", "qdq-constant-params", "scale-positive", "scale-shape",
             "trt-zero-point", "ort-qdq-types", "weight-per-channel", "activation-per-tensor", "quantized-inputs",

@@ -15,7 +15,7 @@ from qexport.errors import MissingDependencyError, QexportError
 from qexport.runtimes import get_runtime, list_runtimes, load_engine, read_engine_meta, register_runtime
 from qexport.runtimes.base import Runtime
 from qexport.runtimes.onnxrt import session_for
-from qexport.verify.latency import LatencyStats, interleaved_compare, measure, stats_from_durations
+from qexport.latency import LatencyStats, interleaved_compare, measure, stats_from_durations
 
 C, H, W = 3, 8, 8
 OUT_SCALE = 0.05

@@ -1,13 +1,13 @@
 """Recipe + target -> QDQ ONNX, and the FP32 ONNX of the same float model.
 
 QuantSim is traced in export mode: each quantizer becomes a ``qexport.*`` marker node naming its plan point.
-The markers are then replaced by the target's encoding of the recipe's integers (never re-quantized):
+The markers are then replaced by the target's encoding of the recipe's integers (never re-quantized): weights
+int8 per channel for every target; activations and bias as the target's descriptor says
+(qexport/quant/targets.py: uint8 with zero point 128 or 0 and an int32 bias DQ for onnxruntime and openvino,
+int8 with zero point 0 and a float bias on the int32 grid for tensorrt).
 
-| target       | activations                                   | weights            | bias                     |
-|--------------|-----------------------------------------------|--------------------|--------------------------|
-| onnxruntime  | uint8; zero point 128 (signed) or 0 (unsigned) | int8, per channel  | int32 DQ (x_scale*w_scale) |
-| tensorrt     | int8, zero point 0                            | int8, per channel  | float, on the int32 grid |
-| openvino     | as onnxruntime                                | int8, per channel  | as onnxruntime           |
+A recipe exports to a target only when its plan is the one that target places on the same model (same
+parity); otherwise the export is refused with a one-line error that says to recalibrate.
 
 Below 8 bits an activation is an 8-bit Q/DQ pair with the low-bit scale, preceded by a Clip to the low-bit
 range, which reproduces the low-bit quantization exactly in an INT8 engine (architecture.md).
@@ -27,10 +27,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qexport import __version__
 from qexport.errors import QexportError
-from qexport.export.markers import DOMAIN
+from qexport.quant.markers import DOMAIN
 from qexport.fileio import atomic_file, check_output_free
-from qexport.quant.plan import TARGETS
+from qexport.quant.plan import build_plan
 from qexport.quant.spec import QuantSpec
+from qexport.quant.targets import get_target
 from qexport.recipe import QuantRecipe
 
 DEFAULT_OPSET = 17
@@ -55,8 +56,11 @@ def _trace_to_onnx(module: torch.nn.Module, input_shape: tuple[int, ...], opset:
     return onnx.load_from_string(buf.getvalue())
 
 
+_ONNX_DTYPES = {"uint8": TensorProto.UINT8, "int8": TensorProto.INT8}
+
+
 def act_encoding(spec: QuantSpec, target: str) -> tuple[int, int, tuple[int, int] | None]:
-    """ONNX encoding of an activation grid for a target.
+    """ONNX encoding of an activation grid for a target (its descriptor's encoding, as an ONNX element type).
 
     Args:
         spec: the activation grid (zero point 0 in the recipe).
@@ -65,16 +69,8 @@ def act_encoding(spec: QuantSpec, target: str) -> tuple[int, int, tuple[int, int
     Returns:
         (ONNX element type, zero point, clip range in integer levels or None when the 8-bit type suffices).
     """
-    if target == "tensorrt":
-        if not spec.signed and spec.bits == 8:
-            raise QexportError("this recipe has unsigned 8-bit activations (an onnxruntime plan), which TensorRT's "
-                               "int8 cannot hold; recalibrate with --target tensorrt")
-        dtype, zp, lo, hi = TensorProto.INT8, 0, -128, 127
-    else:
-        dtype, zp = TensorProto.UINT8, (128 if spec.signed else 0)
-        lo, hi = -zp, 255 - zp
-    clip = None if (spec.qmin, spec.qmax) == (lo, hi) else (spec.qmin, spec.qmax)
-    return dtype, zp, clip
+    dtype, zp, clip = get_target(target).act_encoding(spec)
+    return _ONNX_DTYPES[dtype], zp, clip
 
 
 def _exact_clip_bound(level: int, scale: np.float32, upper: bool) -> np.float32:
@@ -121,7 +117,7 @@ class _GraphEditor:
     """Rewrites marker nodes into Q/DQ nodes and integer initializers."""
 
     def __init__(self, model: onnx.ModelProto, recipe: QuantRecipe, target: str):
-        self.model, self.recipe, self.target = model, recipe, target
+        self.model, self.recipe, self.target = model, recipe, get_target(target)
         self.graph = model.graph
         self.new_inits: list[TensorProto] = []
         self.inits = {t.name: t for t in self.graph.initializer}
@@ -135,13 +131,13 @@ class _GraphEditor:
     def _act(self, node: onnx.NodeProto, point: str) -> list[onnx.NodeProto]:
         ap = self.plan_acts[point]
         scale = np.float32(self.recipe.act_scales[point])
-        dtype, zp, clip = act_encoding(ap.spec, self.target)
+        dtype, zp, clip = act_encoding(ap.spec, self.target.name)
         zp_arr = np.array(zp, dtype=np.uint8 if dtype == TensorProto.UINT8 else np.int8)
         s_name = self._const(f"{point}.act_scale", np.array(scale, dtype=np.float32))
         z_name = self._const(f"{point}.act_zero_point", zp_arr)
         src, out, nodes = node.input[0], node.output[0], []
         if clip is not None:
-            if self.target == "openvino":
+            if self.target.exact_clip_bounds:
                 lo_v, hi_v = _exact_clip_bound(clip[0], scale, False), _exact_clip_bound(clip[1], scale, True)
             else:
                 lo_v, hi_v = np.float32(clip[0]) * scale, np.float32(clip[1]) * scale
@@ -170,7 +166,7 @@ class _GraphEditor:
             return []
         bias_scale = np.float32(self.recipe.act_scales[point]) * self.recipe.weight_scales[layer].numpy().astype(np.float32)
         q = np.clip(np.round(b / bias_scale), -(2**31), 2**31 - 1).astype(np.int64)
-        if self.target == "tensorrt":  # TensorRT takes a float bias; give it the int32-grid values QuantSim uses
+        if self.target.bias == "float":  # e.g. TensorRT: float values on the int32 grid that QuantSim uses
             self._const(node.output[0], (q.astype(np.float32) * bias_scale).astype(np.float32))
             return []
         qn = self._const(f"{layer}.bias_int32", q.astype(np.int32))
@@ -260,25 +256,48 @@ def recipe_fingerprint(recipe_dir: str | Path) -> str:
     return h.hexdigest()
 
 
+def check_plan_fits(recipe: QuantRecipe, target: str, folded: torch.nn.Module | None = None) -> None:
+    """Refuse to export a recipe to a target whose plan it was not calibrated with (unless the plans are equal).
+
+    Targets with equal plan policies share plans. Otherwise the target's own plan of the same model is built and
+    compared with the recipe's: equal plans export exactly (e.g. W4A4, where the onnxruntime plan has no fusion
+    points and no unsigned 8-bit grid), different ones would not compute what QuantSim computed.
+
+    Args:
+        recipe: the recipe.
+        target: the export target.
+        folded: the recipe's float model, if already built.
+    """
+    made_for = recipe.plan.target
+    if made_for == target or get_target(made_for).plan == get_target(target).plan:
+        return
+    gm = folded if folded is not None else recipe.build_float_model()
+    own = build_plan(gm, target, recipe.plan.bits, tuple(recipe.plan.float_layers))
+    if (own.layers, own.activations) != (recipe.plan.layers, recipe.plan.activations):
+        raise QexportError(f"this recipe was calibrated with the {made_for} plan, which differs from the {target} "
+                           f"plan (quantized points and grids); recalibrate with --target {target}")
+
+
 def build_qdq_model(recipe: QuantRecipe, target: str, opset: int = DEFAULT_OPSET, meta: dict | None = None) -> onnx.ModelProto:
     """The QDQ ONNX model of a recipe for a target (in memory).
 
     Args:
         recipe: the recipe.
-        target: ``onnxruntime``, ``tensorrt`` or ``openvino``.
+        target: a registered target (``onnxruntime``, ``tensorrt``, ``openvino``).
         opset: ONNX opset (>= 13).
         meta: extra metadata_props.
 
     Returns:
         The validated ONNX model.
     """
-    if target not in TARGETS:
-        raise QexportError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    get_target(target)
     if opset < 13:
         raise QexportError(f"--opset {opset} is too old: per-channel Q/DQ needs opset 13 or newer")
     for ap in recipe.plan.activations:  # fail before tracing when the target cannot hold a grid
         act_encoding(ap.spec, target)
-    sim = recipe.build_quantsim()
+    folded = recipe.build_float_model()
+    check_plan_fits(recipe, target, folded)
+    sim = recipe.build_quantsim(folded)
     with sim.export_mode(), torch.no_grad():
         model = _trace_to_onnx(sim, recipe.model.input_shape, opset)
     model = _GraphEditor(model, recipe, target).rewrite()

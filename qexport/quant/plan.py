@@ -5,9 +5,10 @@ exporter both read it, so they quantize exactly the same tensors (architecture.m
 
 Placement (architecture.md): weights of every Conv2d/Linear per output channel; the input tensor of every
 quantized layer per tensor; for a residual Add, the input that does not come straight from a quantized layer.
-For ``onnxruntime`` at 8-bit activations the conv outputs feeding an Add are quantized too, so the runtime
-fuses QLinearConv + QLinearAdd (without them that conv runs in float). A quantizer sits on a tensor: every
-consumer of that tensor sees the quantized value, in QuantSim and in the ONNX file alike.
+Each target's plan policy (qexport/quant/targets.py) adds the rest: for ``onnxruntime`` at 8-bit activations
+the conv outputs feeding an Add are quantized too (fusion points), so the runtime fuses QLinearConv +
+QLinearAdd (without them that conv runs in float); ``tensorrt`` takes no unsigned 8-bit grid. A quantizer
+sits on a tensor: every consumer of that tensor sees the quantized value, in QuantSim and in the ONNX file.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from torch import fx
 from qexport.errors import QexportError
 from qexport.quant import graph_ops
 from qexport.quant.spec import BitsConfig, QuantSpec, activation_spec, weight_spec
+from qexport.quant.targets import get_target
 
-TARGETS = ("onnxruntime", "tensorrt", "openvino")
 PLAN_VERSION = 1
 
 
@@ -114,15 +115,14 @@ def build_plan(gm: fx.GraphModule, target: str, bits: BitsConfig, keep_float: tu
 
     Args:
         gm: the BN-folded float model as a torch.fx GraphModule.
-        target: ``onnxruntime``, ``tensorrt`` or ``openvino``.
+        target: a registered target (qexport.quant.targets); its plan policy says which grids and points it takes.
         bits: bit widths; ``first_last_bits`` applies to the first and last quantized layer.
         keep_float: layer names to leave in float (also allows unsupported layers).
 
     Returns:
         The QuantPlan.
     """
-    if target not in TARGETS:
-        raise QexportError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    policy = get_target(target).plan
     nodes = list(gm.graph.nodes)
     for node in nodes:
         if graph_ops.is_unsupported_weighted(gm, node) and node.target not in keep_float:
@@ -136,9 +136,9 @@ def build_plan(gm: fx.GraphModule, target: str, bits: BitsConfig, keep_float: tu
     layer_nodes = [n for n in nodes if graph_ops.is_quantizable_layer(gm, n) and n.target not in keep_float]
     if not layer_nodes:
         raise QexportError("the model has no Conv2d or Linear layer to quantize")
-    # TensorRT has only signed int8 activations; unsigned grids below 8 bits still fit int8 (numerics.md).
+    # An int8-only engine (TensorRT) has no unsigned 8-bit grid; unsigned grids below 8 bits still fit int8.
     nonneg = graph_ops.non_negative_nodes(gm)
-    unsigned_ok = lambda b: target != "tensorrt" or b < 8  # noqa: E731
+    unsigned_ok = lambda b: policy.unsigned_8bit or b < 8  # noqa: E731
     edge = {layer_nodes[0].name, layer_nodes[-1].name}
 
     acts: dict[str, ActPoint] = {}
@@ -174,7 +174,7 @@ def build_plan(gm: fx.GraphModule, target: str, bits: BitsConfig, keep_float: tu
             for arg in node.args[:2]:
                 from_layer = arg.name in quantized_layer_nodes
                 if from_layer:
-                    if target == "onnxruntime" and bits.act_bits == 8:
+                    if policy.fusion_points and bits.act_bits == 8:
                         add_act(arg, 8, "fusion")
                 elif arg.name not in acts:
                     add_act(arg, bits.act_bits, "residual")

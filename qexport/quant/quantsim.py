@@ -41,7 +41,7 @@ class ActQuantizer(nn.Module):
         if self.observer is not None:
             self.observer(x)
         if self.export_mode:
-            from qexport.export.markers import act_marker
+            from qexport.quant.markers import act_marker
 
             return act_marker(x, self.point_name)
         if not self.enabled:
@@ -107,7 +107,7 @@ class _QuantLayerMixin:
             # The engine adds an int32 bias: round it to that grid (straight-through).
             b = fake_quant(b, bs, -(2**31), 2**31 - 1)
         if self.export_mode:
-            from qexport.export.markers import bias_marker, weight_marker
+            from qexport.quant.markers import bias_marker, weight_marker
 
             w = weight_marker(self.weight, self.layer_name)
             b = bias_marker(self.bias, self.layer_name) if self.bias is not None else None
