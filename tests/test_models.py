@@ -193,6 +193,17 @@ def test_bad_specs(spec, words):
         load_model(spec)
 
 
+def test_garbage_pt2_one_line_no_traceback(tmp_path, tiny_images):
+    """torch.export.load logs a traceback for a bad archive before qexport's one-line error: it is silenced."""
+    from conftest import assert_user_error, run_qexport
+
+    bad = tmp_path / "garbage.pt2"
+    bad.write_bytes(b"not a zip archive" * 8)
+    res = run_qexport(["calibrate", bad, "--method", "minmax", "--data", tiny_images, "-o", tmp_path / "r", "-q"])
+    assert "Traceback" not in res.err and "Ran into the following error" not in res.err, res.err
+    assert_user_error(res, "garbage.pt2", "torch.export program")
+
+
 def test_torchvision_and_factory_specs():
     lm = load_model("torchvision:resnet18", num_classes=7)
     assert lm.num_classes == 7 and lm.preprocess.resize == 256 and lm.input_shape == (3, 224, 224)
