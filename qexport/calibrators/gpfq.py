@@ -1,4 +1,5 @@
-"""``--method gpfq``: greedy path-following post-training weight quantization (paper 004, methods.md section 3).
+"""``--method gpfq``: greedy path-following post-training weight quantization (paper 004,
+../shared/docs/methods.md section 3).
 
 Layer by layer in graph order. The float model and the partially quantized model are run side by side on the
 calibration images by a node-by-node interpreter of the traced graph that keeps every live tensor of both
@@ -264,8 +265,6 @@ def quantize_layer(w: torch.Tensor, st: LayerStats, bits: int, qmin: int, qmax: 
     delta = deltas.gather(1, pick[:, None])[:, 0]
     err = err_all.gather(1, pick[:, None])[:, 0]
     cc = torch.tensor(c_values, dtype=torch.float64, device=w.device)[pick]
-    best = (k, delta, cc, err, ref)
-    k, delta, cc, err, ref = best
     rel = math.sqrt(float(err.sum()) / max(float(ref.sum()), 1e-30))
     return k, delta, cc, {"sampled_rel_error": rel}
 

@@ -1,4 +1,5 @@
-"""The QDQ rules of each target (see numerics.md), registered with :func:`qexport.export.check.register_rule`.
+"""The QDQ rules of each target (see ../shared/docs/numerics.md), registered with
+:func:`qexport.export.check.register_rule`.
 
 Rule ids: opset, onnx-checker, no-integer-ops, qdq-constant-params, scale-positive, scale-shape,
 trt-zero-point, ort-qdq-types, weight-per-channel, activation-per-tensor, quantized-inputs, residual-add,
@@ -272,8 +273,8 @@ def _quantized_compute(ix: GraphIndex, name: str) -> bool:
 @register_rule("residual-add", TRT_ORT, "a residual Add's inputs come from a DQ or straight from a quantized conv")
 def rule_residual_add(model: onnx.ModelProto, ix: GraphIndex) -> list[Violation]:
     """TensorRT: each input from a DQ or straight from a quantized Conv/Gemm/MatMul (placement rule of
-    architecture.md: conv + conv joins, as in ResNet downsample blocks, need no Q/DQ). onnxruntime (looser):
-    at least one input from a DQ, or every input straight from a quantized Conv/Gemm/MatMul."""
+    ../shared/docs/architecture.md: conv + conv joins, as in ResNet downsample blocks, need no Q/DQ).
+    onnxruntime (looser): at least one input from a DQ, or every input straight from a quantized Conv/Gemm/MatMul."""
     out = []
     for node in ix.nodes:
         if node.op_type != "Add" or len(node.input) != 2 or node.name in ix.float_nodes:

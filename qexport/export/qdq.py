@@ -10,7 +10,7 @@ A recipe exports to a target only when its plan is the one that target places on
 parity); otherwise the export is refused with a one-line error that says to recalibrate.
 
 Below 8 bits an activation is an 8-bit Q/DQ pair with the low-bit scale, preceded by a Clip to the low-bit
-range, which reproduces the low-bit quantization exactly in an INT8 engine (architecture.md).
+range, which reproduces the low-bit quantization exactly in an INT8 engine (../shared/docs/architecture.md).
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """The placement plan: which tensors are quantized, with which grid, for one target.
 
 The plan is derived once from the BN-folded float graph and stored in the recipe; QuantSim and the
-exporter both read it, so they quantize exactly the same tensors (architecture.md, invariant 1).
+exporter both read it, so they quantize exactly the same tensors (../shared/docs/architecture.md, invariant 1).
 
-Placement (architecture.md): weights of every Conv2d/Linear per output channel; the input tensor of every
+Placement (../shared/docs/architecture.md): weights of every Conv2d/Linear per output channel; the input tensor of every
 quantized layer per tensor; for a residual Add, the input that does not come straight from a quantized layer.
 Each target's plan policy (qexport/quant/targets.py) adds the rest: for ``onnxruntime`` at 8-bit activations
 the conv outputs feeding an Add are quantized too (fusion points), so the runtime fuses QLinearConv +
