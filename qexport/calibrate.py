@@ -5,6 +5,7 @@ Export, engine building and verification live in ``qexport.export``, ``qexport.r
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -89,7 +90,8 @@ def calibrate(cfg: CalibrateConfig) -> Path:
         The recipe folder.
     """
     from qexport.calibrators import get_calibrator
-    from qexport.calibrators.base import CalibrationContext, config_from_options
+    from qexport.calibrators.base import CalibrationContext
+    from qexport.options import build_config, config_record
     from qexport.data import ImageFolder, load_tensor
     from qexport.models import fold_batchnorm, load_model
     from qexport.quant.plan import build_plan
@@ -97,7 +99,7 @@ def calibrate(cfg: CalibrateConfig) -> Path:
     from qexport.recipe import ModelRef, QuantRecipe
 
     info = get_calibrator(cfg.method)
-    method_cfg = config_from_options(info.config, cfg.options, cfg.method)
+    method_cfg = build_config(info.config, cfg.options, f"--method {cfg.method}")
     bits = BitsConfig.parse(cfg.bits, cfg.first_last_bits)
     check_output_free(cfg.output, cfg.force)
     if cfg.num_samples <= 0:
@@ -137,18 +139,92 @@ def calibrate(cfg: CalibrateConfig) -> Path:
         metrics["calibration_seconds"] = round(time.time() - started, 2)
         ref = ModelRef(cfg.model, tuple(loaded.input_shape), loaded.preprocess.to_dict(), loaded.num_classes,
                        str(cfg.weights) if cfg.weights else None, loaded.weights_sha256)
-        provenance = {"method": cfg.method, "options": _jsonable(vars(method_cfg)), "seed": cfg.seed,
+        provenance = {"method": cfg.method, "config": config_record(method_cfg), "seed": cfg.seed,
                       "bits": bits.label, "target": cfg.target, "device": device,
                       "data": str(cfg.data) if data is not None else None, "data_fingerprint": data_fp,
-                      "num_samples": int(data.shape[0]) if data is not None else 0}
+                      "num_samples": int(data.shape[0]) if data is not None else 0,
+                      "invocation": _invocation(cfg)}
         recipe = QuantRecipe.from_quantsim(sim, folded, ref, provenance, metrics)
         recipe.write_files(tmp)
     shutil.rmtree(work, ignore_errors=True)
     return Path(cfg.output)
 
 
-def _jsonable(d: dict) -> dict:
+_REPLAYED = ("model", "method", "bits", "target", "weights", "data", "num_samples", "seed", "first_last_bits",
+             "keep_float", "input_size", "mean", "std")
+
+
+def _invocation(cfg: CalibrateConfig) -> dict:
+    """The settings ``--replay`` needs to rerun this calibration (method options live in ``config``)."""
     out = {}
-    for k, v in d.items():
-        out[k] = v if isinstance(v, (int, float, str, bool, type(None), list, dict)) else str(v)
+    for name in _REPLAYED:
+        v = getattr(cfg, name)
+        out[name] = list(v) if isinstance(v, tuple) else v
     return out
+
+
+def _read_provenance(recipe_dir: Path) -> dict:
+    import json
+
+    meta_path = Path(recipe_dir) / "recipe.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as e:
+        raise QexportError(f"--replay {recipe_dir}: cannot read {meta_path} ({e}); pass a recipe folder") from None
+    prov = meta.get("provenance") if isinstance(meta, dict) else None
+    if not isinstance(prov, dict) or not isinstance(prov.get("invocation"), dict) or "config" not in prov:
+        raise QexportError(f"--replay {recipe_dir}: the recipe does not record how it was made (written by an "
+                           "older qexport); calibrate it again without --replay")
+    return prov
+
+
+def recipe_method(recipe_dir: Path) -> str | None:
+    """The method a recipe was calibrated with (None when the folder cannot tell).
+
+    Args:
+        recipe_dir: the recipe folder.
+
+    Returns:
+        The method name or None.
+    """
+    try:
+        method = _read_provenance(recipe_dir)["invocation"].get("method")
+    except QexportError:
+        return None
+    return method if isinstance(method, str) else None
+
+
+def replay_config(recipe_dir: Path, output: Path, *, force: bool = False, quiet: bool = False,
+                  device: str = "auto", resume: bool = False) -> CalibrateConfig:
+    """The CalibrateConfig that reruns a recipe's calibration: same model, method, options, bits, plan, seed, data.
+
+    Args:
+        recipe_dir: the recipe folder to replay.
+        output: the new recipe folder.
+        force: overwrite ``output``.
+        quiet: no progress bars.
+        device: where to run.
+        resume: continue an interrupted replay.
+
+    Returns:
+        The config (its options are the recipe's typed method config, tuples restored).
+    """
+    from qexport.calibrators import get_calibrator
+    from qexport.options import config_from_record
+
+    prov = _read_provenance(recipe_dir)
+    inv = prov["invocation"]
+    missing = [k for k in _REPLAYED if k not in inv]
+    if missing:
+        raise QexportError(f"--replay {recipe_dir}: provenance.invocation lacks {', '.join(missing)}; recalibrate")
+    if not isinstance(inv["method"], str):
+        raise QexportError(f"--replay {recipe_dir}: provenance.invocation.method must be a method name")
+    info = get_calibrator(inv["method"])
+    method_cfg = config_from_record(prov["config"], info.config, f"--replay {recipe_dir} (--method {info.name})")
+    values = {f.name: getattr(method_cfg, f.name) for f in dataclasses.fields(method_cfg)}
+    kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in inv.items() if k in _REPLAYED}
+    try:
+        return CalibrateConfig(output=Path(output), force=force, quiet=quiet, device=device, resume=resume,
+                               options=values, **kw)
+    except TypeError as e:
+        raise QexportError(f"--replay {recipe_dir}: provenance.invocation is malformed ({e})") from None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -53,7 +52,7 @@ class CalibrationContext:
 
 
 def config_from_options(config_cls: type, options: dict, method: str):
-    """Build a method's frozen config from CLI options, rejecting options the method does not take.
+    """Build a method's frozen config from option values, rejecting options the method does not take.
 
     Args:
         config_cls: the dataclass.
@@ -63,13 +62,9 @@ def config_from_options(config_cls: type, options: dict, method: str):
     Returns:
         The config instance.
     """
-    names = {f.name for f in dataclasses.fields(config_cls)}
-    given = {k: v for k, v in options.items() if v is not None}
-    bad = sorted(k for k in given if k not in names)
-    if bad:
-        flags = ", ".join("--" + k.replace("_", "-") for k in bad)
-        raise QexportError(f"{flags} does not apply to --method {method}; see `qexport calibrate --help`")
-    return config_cls(**given)
+    from qexport.options import build_config
+
+    return build_config(config_cls, {k: v for k, v in options.items() if v is not None}, f"--method {method}")
 
 
 class RangeObserver:
