@@ -50,7 +50,7 @@ def fingerprint(name: str, options: dict, tmp: Path, seed: int = 0) -> dict:
     Returns:
         {"recipe": sha, "generator": sha, "history": sha}.
     """
-    from qexport.pipeline import CalibrateConfig, calibrate
+    from qexport.calibrate import CalibrateConfig, calibrate
 
     out = calibrate(CalibrateConfig(model="qexport.zoo.digits:digits_net", output=tmp / name, method="adasg",
                                     bits="w4a4", seed=seed, quiet=True, device="cpu", options=options))

@@ -39,7 +39,7 @@ def run_one(bits: str, loss: str, args) -> dict:
     from qexport.training import Callbacks
     from qexport.data import load_tensor
     from qexport.models import fold_batchnorm, load_model
-    from qexport.pipeline import resolve_device
+    from qexport.calibrate import resolve_device
     from qexport.quant.plan import build_plan
     from qexport.quant.quantsim import QuantSim
     from qexport.quant.spec import BitsConfig
@@ -96,7 +96,7 @@ def time_epoch(args) -> dict:
     from qexport.calibrators.adasg import AdaSGConfig, AdaSGTask
     from qexport.calibrators.base import CalibrationContext, set_weight_scales
     from qexport.models import fold_batchnorm, load_model
-    from qexport.pipeline import resolve_device
+    from qexport.calibrate import resolve_device
     from qexport.quant.plan import build_plan
     from qexport.quant.quantsim import QuantSim
     from qexport.quant.spec import BitsConfig
