@@ -13,6 +13,8 @@ from qexport.errors import QexportError
 from qexport.progress import progress_bar
 from qexport.quant.fake_quant import channel_view, fake_quant
 from qexport.quant.quantsim import QuantSim
+from qexport.training.distributed import SINGLE, DistInfo
+from qexport.training.loop import Callbacks
 
 # Activation clipping percentile of the ``percentile`` calibrator, chosen on held-out training images
 # (bench/percentile_heldout.py; figures in bench/README.md).
@@ -35,6 +37,9 @@ class CalibrationContext:
         artifact_dir: the recipe folder being written (temporary until the run succeeds): extra artifacts go here.
         work_dir: a persistent folder for checkpoints that survive an interrupted run (resume).
         resume: continue from the checkpoint in work_dir.
+        dist: rank and world size under torchrun (training methods draw their share of the samples and average
+            gradients; only rank 0 gets an artifact_dir).
+        callbacks: named hooks of the training loop (benchmarks and tests; ``qexport.training.Callbacks``).
     """
 
     sim: QuantSim
@@ -48,7 +53,8 @@ class CalibrationContext:
     artifact_dir: Path | None = None
     work_dir: Path | None = None
     resume: bool = False
-    extras: dict = field(default_factory=dict)
+    dist: DistInfo = SINGLE
+    callbacks: Callbacks = field(default_factory=Callbacks)
 
 
 def config_from_options(config_cls: type, options: dict, method: str):

@@ -1,0 +1,7 @@
+"""The shared training loop (``qexport.training.loop``) and its torch.distributed helpers
+(``qexport.training.distributed``); read loop.py's docstring to put a method on it."""
+
+from qexport.training.distributed import DistInfo, init_from_env
+from qexport.training.loop import Callbacks, LoopConfig, StepInfo, TrainLoop
+
+__all__ = ["Callbacks", "DistInfo", "LoopConfig", "StepInfo", "TrainLoop", "init_from_env"]
