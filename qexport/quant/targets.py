@@ -10,7 +10,7 @@ target        activations                 plan policy     bias        runtimes /
 ============  ==========================  ==============  ==========  ======================================
 onnxruntime   uint8; zp 128 signed, 0     unsigned 8-bit  int32 DQ    onnxruntime / ``onnxruntime``
               unsigned                    grids, fusion
-                                          points at 8 bit
+                                          points, code clip
 tensorrt      int8, zero point 0          signed 8-bit    float on    tensorrt / none
                                           grids only      int32 grid
 openvino      as onnxruntime              unsigned 8-bit  int32 DQ    openvino / none
@@ -40,8 +40,9 @@ class PlanPolicy:
     Args:
         unsigned_8bit: a non-negative tensor may take an unsigned 8-bit grid (an int8-only engine cannot hold
             one; below 8 bits an unsigned grid still fits int8).
-        fusion_points: at 8-bit activations, the outputs of quantized layers that feed a residual Add are
-            quantized too, so the runtime fuses the integer conv and add (ONNX Runtime's QLinearConv + QLinearAdd).
+        fusion_points: at every activation width, 8-bit points on the outputs of quantized layers that feed a
+            residual Add, on the last block's output and on the pool before the classifier, so the runtime fuses
+            the integer conv, add and pool (ONNX Runtime's QLinearConv + QLinearAdd + QLinearGlobalAveragePool).
     """
 
     unsigned_8bit: bool
@@ -62,6 +63,8 @@ class Target:
         runtimes: runtimes that build this target's exports (``build-engine --target``).
         integer_arithmetic: name of the engine integer arithmetic QuantSim emulates for this target's engine
             (``QuantSim.set_engine_arithmetic``), or None when it does not.
+        code_clip: a low-bit activation's Clip acts on the integer codes between Q and DQ (keeps the Q -> DQ
+            pattern, so the runtime fuses the neighbouring convs); otherwise a float Clip before Q.
         exact_clip_bounds: low-bit Clip bounds are nudged so the engine, which clips integer codes, keeps the
             top level (OpenVINO).
     """
@@ -73,6 +76,7 @@ class Target:
     plan: PlanPolicy
     runtimes: tuple[str, ...]
     integer_arithmetic: str | None = None
+    code_clip: bool = False
     exact_clip_bounds: bool = False
 
     def __post_init__(self):
@@ -148,7 +152,7 @@ def get_target(name: str) -> Target:
 
 register_target(Target("onnxruntime", "ONNX Runtime CPU: uint8 activations, fused integer conv + add",
                        act_dtype="uint8", bias="int32", plan=PlanPolicy(unsigned_8bit=True, fusion_points=True),
-                       runtimes=("onnxruntime",), integer_arithmetic="onnxruntime"))
+                       runtimes=("onnxruntime",), integer_arithmetic="onnxruntime", code_clip=True))
 register_target(Target("tensorrt", "TensorRT: int8 activations with zero point 0 (NVIDIA GPU)",
                        act_dtype="int8", bias="float", plan=PlanPolicy(unsigned_8bit=False, fusion_points=False),
                        runtimes=("tensorrt",)))
