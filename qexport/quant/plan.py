@@ -6,7 +6,8 @@ exporter both read it, so they quantize exactly the same tensors (../shared/docs
 Placement (../shared/docs/architecture.md): weights of every Conv2d/Linear per output channel; the input tensor of every
 quantized layer per tensor; for a residual Add, the input that does not come straight from a quantized layer.
 Each target's plan policy (qexport/quant/targets.py) adds the rest: ``tensorrt`` takes no unsigned 8-bit grid;
-where ``fusion_points`` is set (``onnxruntime``) there are ``fusion`` points, so nothing runs in float: at every activation width, 8-bit points on the conv outputs feeding an Add (QLinearConv + QLinearAdd; without
+where ``fusion_points`` is set (``onnxruntime``) there are ``fusion`` points, so nothing runs in float: at
+every activation width, 8-bit points on the conv outputs feeding an Add (QLinearConv + QLinearAdd; without
 them that conv runs in float) and on a residual block's output that no layer input point covers (the last
 block: QLinearAdd); and a point on the average pool in front of the classifier (QLinearGlobalAveragePool) with
 the classifier input's grid, whose scale the classifier input then shares (exact). A quantizer sits on a
