@@ -114,13 +114,23 @@ def calibrate(cfg: CalibrateConfig) -> Path:
     plan = build_plan(folded, cfg.target, bits, tuple(cfg.keep_float))
     data = labels = None
     data_fp = None
-    if info.needs_data and cfg.data is not None:
+    if info.needs_labels:  # QAT: the method reads the labelled folder itself (all of it, augmented)
+        if cfg.data is None:
+            raise QexportError(f"--method {cfg.method} trains on labelled images: pass --data DIR (one subfolder per class)")
+        from qexport.training.qat_data import check_labelled
+
+        folder = ImageFolder(cfg.data, loaded.preprocess)
+        check_labelled(folder, loaded.num_classes)
+        data_fp = folder.fingerprint()
+    elif info.needs_data and cfg.data is not None:
         folder = ImageFolder(cfg.data, loaded.preprocess)
         count = min(cfg.num_samples, len(folder))
         with progress_bar(count, "loading calibration images", cfg.quiet) as bar:
             data, labels = load_tensor(folder, num_samples=cfg.num_samples, seed=cfg.seed,
                                        progress=lambda done, total: bar.update(completed=done))
         data_fp = folder.fingerprint()
+    if hasattr(method_cfg, "check_plan"):  # options that depend on the plan (e.g. md's levels vs the widths)
+        method_cfg.check_plan(plan)
     sim = QuantSim(folded, plan)
     work = work_dir_for(Path(cfg.output))
     if cfg.resume and not work.is_dir():
@@ -131,7 +141,8 @@ def calibrate(cfg: CalibrateConfig) -> Path:
     started = time.time()
     with atomic_dir(cfg.output, force=cfg.force) as tmp:
         ctx = CalibrationContext(sim=sim, folded=folded, model=loaded, data=data, labels=labels, seed=cfg.seed,
-                                 device=device, quiet=cfg.quiet, artifact_dir=tmp, work_dir=work, resume=cfg.resume)
+                                 device=device, quiet=cfg.quiet, artifact_dir=tmp, work_dir=work, resume=cfg.resume,
+                                 data_dir=Path(cfg.data) if info.needs_labels else None)
         metrics = info.fn(ctx, method_cfg) or {}
         sim = ctx.sim.cpu().eval()
         metrics["calibration_seconds"] = round(time.time() - started, 2)
@@ -139,8 +150,9 @@ def calibrate(cfg: CalibrateConfig) -> Path:
                        str(cfg.weights) if cfg.weights else None, loaded.weights_sha256)
         provenance = {"method": cfg.method, "options": _jsonable(vars(method_cfg)), "seed": cfg.seed,
                       "bits": bits.label, "target": cfg.target, "device": device,
-                      "data": str(cfg.data) if data is not None else None, "data_fingerprint": data_fp,
-                      "num_samples": int(data.shape[0]) if data is not None else 0}
+                      "data": str(cfg.data) if data is not None or info.needs_labels else None,
+                      "data_fingerprint": data_fp,
+                      "num_samples": int(data.shape[0]) if data is not None else metrics.get("train_images", 0)}
         recipe = QuantRecipe.from_quantsim(sim, folded, ref, provenance, metrics)
         recipe.write_files(tmp)
     shutil.rmtree(work, ignore_errors=True)

@@ -23,14 +23,17 @@ class CalibratorInfo:
     config: type
     needs_data: bool
     summary: str
+    needs_labels: bool = False
 
 
 _REGISTRY: dict[str, CalibratorInfo] = {}
 # Modules that register calibrators when imported (kept lazy: some import heavy code).
-_MODULES = ("qexport.calibrators.baseline", "qexport.calibrators.gpfq", "qexport.calibrators.adasg")
+_MODULES = ("qexport.calibrators.baseline", "qexport.calibrators.gpfq", "qexport.calibrators.adasg",
+            "qexport.calibrators.ste", "qexport.calibrators.md")
 
 
-def register_calibrator(name: str, *, config: type, needs_data: bool, summary: str) -> Callable:
+def register_calibrator(name: str, *, config: type, needs_data: bool, summary: str,
+                        needs_labels: bool = False) -> Callable:
     """Decorator registering a calibrator function ``fn(ctx, cfg) -> metrics dict``.
 
     Args:
@@ -38,13 +41,15 @@ def register_calibrator(name: str, *, config: type, needs_data: bool, summary: s
         config: frozen dataclass of the method's options (validated on construction).
         needs_data: the method reads calibration images (False: data-free).
         summary: one line for ``qexport methods``.
+        needs_labels: the method trains on a labelled folder (QAT): the pipeline does not load images into
+            ``ctx.data`` but passes the folder as ``ctx.data_dir``; a flat folder is refused.
 
     Returns:
         The decorator.
     """
 
     def deco(fn: Callable) -> Callable:
-        _REGISTRY[name] = CalibratorInfo(name, fn, config, needs_data, summary)
+        _REGISTRY[name] = CalibratorInfo(name, fn, config, needs_data, summary, needs_labels)
         return fn
 
     return deco

@@ -1,0 +1,1 @@
+"""Training support shared by methods that train (QAT data: :mod:`qexport.training.qat_data`)."""
