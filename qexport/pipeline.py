@@ -5,10 +5,14 @@ Export, engine building and verification live in ``qexport.export``, ``qexport.r
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -40,6 +44,7 @@ class CalibrateConfig:
         resume: continue an interrupted run from its checkpoint.
         quiet: no progress bars.
         options: method options (validated by the method's config).
+        extras: passed to the calibrator as ``ctx.extras`` (benches and tests: hooks such as ``qat_on_epoch``).
     """
 
     model: str
@@ -61,6 +66,7 @@ class CalibrateConfig:
     resume: bool = False
     quiet: bool = False
     options: dict = field(default_factory=dict)
+    extras: dict = field(default_factory=dict)
 
 
 def resolve_device(device: str) -> str:
@@ -135,14 +141,17 @@ def calibrate(cfg: CalibrateConfig) -> Path:
     work = work_dir_for(Path(cfg.output))
     if cfg.resume and not work.is_dir():
         raise QexportError(f"--resume: no interrupted run found for {cfg.output} (expected {work})")
-    if not cfg.resume and work.is_dir():
+    writer = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes (work folder, recipe)
+    if writer and not cfg.resume and work.is_dir():
         shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
+    if writer:
+        work.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    with atomic_dir(cfg.output, force=cfg.force) as tmp:
+    out_dir = atomic_dir(cfg.output, force=cfg.force) if writer else _scratch_dir()
+    with out_dir as tmp:
         ctx = CalibrationContext(sim=sim, folded=folded, model=loaded, data=data, labels=labels, seed=cfg.seed,
                                  device=device, quiet=cfg.quiet, artifact_dir=tmp, work_dir=work, resume=cfg.resume,
-                                 data_dir=Path(cfg.data) if info.needs_labels else None)
+                                 data_dir=Path(cfg.data) if info.needs_labels else None, extras=dict(cfg.extras))
         metrics = info.fn(ctx, method_cfg) or {}
         sim = ctx.sim.cpu().eval()
         metrics["calibration_seconds"] = round(time.time() - started, 2)
@@ -154,9 +163,18 @@ def calibrate(cfg: CalibrateConfig) -> Path:
                       "data_fingerprint": data_fp,
                       "num_samples": int(data.shape[0]) if data is not None else metrics.get("train_images", 0)}
         recipe = QuantRecipe.from_quantsim(sim, folded, ref, provenance, metrics)
-        recipe.write_files(tmp)
-    shutil.rmtree(work, ignore_errors=True)
+        if writer:
+            recipe.write_files(tmp)
+    if writer:
+        shutil.rmtree(work, ignore_errors=True)
     return Path(cfg.output)
+
+
+@contextlib.contextmanager
+def _scratch_dir() -> Iterator[Path]:
+    """A throw-away artifact folder for the ranks that do not write (torchrun rank > 0)."""
+    with tempfile.TemporaryDirectory(prefix="qexport-rank-") as d:
+        yield Path(d)
 
 
 def _jsonable(d: dict) -> dict:

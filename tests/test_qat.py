@@ -137,6 +137,13 @@ def test_md_recipe_integers_are_the_levels_and_export_checks(tmp_path, labelled,
     assert check_model(model, "onnxruntime") == []
     grids = {p.key: p.value for p in model.metadata_props}["qexport.weight_grids"]
     assert ("binary" if bits == "w1a8" else "int2") in grids
+    from onnx import numpy_helper
+
+    init = next(t for t in model.graph.initializer if t.name == "conv2.weight_int8")
+    bad = numpy_helper.to_array(init).copy()
+    bad.flat[0] = 0 if bits == "w1a8" else -3  # binary: no zero level; 2 bits: -3 is off the grid
+    init.CopyFrom(numpy_helper.from_array(bad, init.name))
+    assert [v.rule for v in check_model(model, "onnxruntime")] == ["weight-grid"]
 
 
 def test_md_softmax_any_level_set(tmp_path, labelled):
@@ -176,3 +183,68 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(tmp_path, labelled, qx
     assert not list(tmp_path.glob(".md_*"))
     with pytest.raises(QexportError, match="levels"):
         MDConfig(levels="1")
+
+
+# ---------------------------------------------------------------- torchrun
+def test_torchrun_two_ranks_train_identical_weights_and_write_once(tmp_path, labelled):
+    import subprocess
+    import sys
+
+    from conftest import TESTS_DIR, subprocess_env
+
+    log = tmp_path / "log"
+    log.mkdir()
+    out = tmp_path / "runs" / "ddp"
+    env = subprocess_env()
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(TESTS_DIR / "tests_support" / "qat_ddp_worker.py"), str(out), str(labelled), str(log)]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r0, r1 = (json.loads((log / f"rank{r}.json").read_text()) for r in (0, 1))
+    # 43 training images (48 minus 10 % held out): 22 per rank, 6 steps of 4 per epoch, 2 epochs
+    assert len(r0) == len(r1) == 12
+    assert r0 == r1  # identical weights after every step
+    assert len(set(r0)) == len(r0)  # and they did change every step
+    assert sorted(x.name for x in (tmp_path / "runs").iterdir()) == ["ddp"]  # one recipe, no leftovers
+    from qexport.recipe import QuantRecipe
+
+    r = QuantRecipe.load(out)
+    assert r.metrics["world_size"] == 2
+    assert set(r.int_weights["conv2"].unique().tolist()) == {-1, 1}
+
+
+# ---------------------------------------------------------------- resume, size
+def test_interrupted_run_resumes_bit_identically(tmp_path, labelled):
+    from qexport.pipeline import CalibrateConfig, calibrate
+    from qexport.recipe import QuantRecipe
+
+    def cfg(name: str, **kw) -> CalibrateConfig:
+        return CalibrateConfig(model=TINY, output=tmp_path / name, method="md", bits="w2a8", first_last_bits=8,
+                               data=str(labelled), quiet=True, options={"epochs": 2, "batch_size": 8}, **kw)
+
+    full = QuantRecipe.load(calibrate(cfg("full")))
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(cfg("cut", extras={"qat_interrupt_after": 3}))
+    assert not (tmp_path / "cut").exists() and (tmp_path / ".cut.work" / "qat_checkpoint.pt").is_file()
+    resumed = QuantRecipe.load(calibrate(cfg("cut", resume=True)))
+    for name, q in full.int_weights.items():
+        assert torch.equal(q, resumed.int_weights[name]), name
+        assert torch.equal(full.weight_scales[name], resumed.weight_scales[name]), name
+    assert full.act_scales == resumed.act_scales
+    assert not (tmp_path / ".cut.work").exists()
+
+
+def test_verify_model_size_counts_true_width(tmp_path, labelled):
+    from qexport.recipe import QuantRecipe
+    from qexport.verify.size import model_size, size_line
+
+    r = QuantRecipe.load(_calibrate(tmp_path, labelled, "md", "w1a8"))
+    s = model_size(r)
+    n1, n8 = s["per_width"]["1"], s["per_width"]["8"]
+    assert n1 == 2 * 8 * 8 * 9 and n8 == 3 * 8 * 9 + 8 * 4  # conv2, conv3 binary; conv1, fc 8-bit
+    scales_bias = 4 * (8 + 8 + 8 + 4) + 4 * (8 + 8 + 8 + 4)  # one scale per channel; conv1's folded BN bias too
+    assert s["true_width_bytes"] == n1 // 8 + n8 + scales_bias
+    assert s["int8_bytes"] == n1 + n8 + scales_bias
+    assert s["fp32_bytes"] == 4 * (n1 + n8) + 4 * (8 + 8 + 8 + 4)
+    assert "no extra speed" in size_line(s)

@@ -224,6 +224,9 @@ def _run_epoch(task: QATTask, bar, flag: GracefulInterrupt, budget: float | None
         m = task.step(x, y, min(frac, 1.0), min(after, 1.0))
         task.batch_in_epoch += 1
         task.elapsed += time.time() - t0
+        on_step = task.ctx.extras.get("qat_on_step")  # tests: e.g. compare weights across ranks
+        if on_step is not None:
+            on_step(task)
         bar.advance(1, info=f"ep {task.epoch + 1} loss {m['loss']:.3f} acc {100 * m['acc']:.0f}% "
                     + " ".join(f"{k} {v:.3g}" for k, v in m.items() if k not in ("loss", "acc")))
         if stop_now or (interrupt_after is not None and task.steps >= interrupt_after):
@@ -241,6 +244,9 @@ def _end_epoch(task: QATTask, bar) -> None:
     if task.cfg.select_epoch and top1 is not None and (task.best is None or top1 > task.best[0]):
         task.best = (top1, {"sim": {k: v.clone() for k, v in task.sim.state_dict().items()},
                             "method_state": task.method.state_dict(), "epoch": task.epoch + 1})
+    on_epoch = task.ctx.extras.get("qat_on_epoch")  # benches: e.g. snapshot top-1 against time
+    if on_epoch is not None:
+        on_epoch(task, top1)
     bar.update(info=f"epoch {task.epoch + 1} held-out top-1 {top1 if top1 is None else round(top1, 2)}")
     task.epoch += 1
     task.batch_in_epoch = 0
