@@ -38,7 +38,7 @@ def run_one(bits: str, loss: str, args) -> dict:
     from qexport.calibrators.base import CalibrationContext
     from qexport.data import load_tensor
     from qexport.models import fold_batchnorm, load_model
-    from qexport.pipeline import resolve_device
+    from qexport.calibrate import resolve_device
     from qexport.quant.plan import build_plan
     from qexport.quant.quantsim import QuantSim
     from qexport.quant.spec import BitsConfig
@@ -95,7 +95,7 @@ def time_epoch(args) -> dict:
     from qexport.calibrators.adasg import AdaSGConfig, AdaSGTrainer
     from qexport.calibrators.base import CalibrationContext, set_weight_scales
     from qexport.models import fold_batchnorm, load_model
-    from qexport.pipeline import resolve_device
+    from qexport.calibrate import resolve_device
     from qexport.quant.plan import build_plan
     from qexport.quant.quantsim import QuantSim
     from qexport.quant.spec import BitsConfig

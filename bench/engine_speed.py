@@ -126,10 +126,10 @@ def prepare(name: str, work: Path, threads: int) -> dict | None:
     """
     from qexport import shared
     from qexport.data import ImageFolder, load_tensor
-    from qexport.engine_build import build_engine_folder
+    from qexport.build_engine import build_engine_folder
     from qexport.export.qdq import export_recipe
     from qexport.models import Preprocess
-    from qexport.pipeline import CalibrateConfig, calibrate
+    from qexport.calibrate import CalibrateConfig, calibrate
     from qexport.recipe import QuantRecipe
     from qexport.runtimes import get_runtime
 

@@ -47,9 +47,9 @@ def _ort_engine(qdq: Path, fp32: Path | None, out: Path, threads: int) -> Path |
 
 def prepare(work: Path, threads: int, num_samples: int = 64) -> dict:
     """Calibrate and export for openvino and for onnxruntime; build the engines."""
-    from qexport.engine_build import build_engine_folder
+    from qexport.build_engine import build_engine_folder
     from qexport.export.qdq import export_recipe
-    from qexport.pipeline import CalibrateConfig, calibrate
+    from qexport.calibrate import CalibrateConfig, calibrate
 
     data = _synthetic_pngs(work / "calib_images", n=num_samples)
     files = {}
@@ -71,7 +71,7 @@ def _ov_default_precision_runner(engine: Path, threads: int):
     """The engine's INT8 IR compiled with OpenVINO's default inference precision (bf16 on AMX/AVX512-BF16)."""
     import openvino as ov
 
-    from qexport.runtimes.engine import read_engine_meta
+    from qexport.runtimes.engine_folder import read_engine_meta
     from qexport.runtimes.openvino_rt import OpenVinoRunner
 
     meta = read_engine_meta(engine, target="openvino", which="int8")

@@ -15,9 +15,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from qexport.engine_build import build_engine_folder
+from qexport.build_engine import build_engine_folder
 from qexport.export.qdq import export_recipe
-from qexport.pipeline import CalibrateConfig, calibrate
+from qexport.calibrate import CalibrateConfig, calibrate
 from qexport.shared import cifar_checkpoint, cifar_images
 from qexport.verify.compare import VerifyConfig, verify
 

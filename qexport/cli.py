@@ -81,7 +81,7 @@ def calibrate(
     save_synthetic: Optional[int] = typer.Option(None, help="[adasg] also keep N synthetic images as an image folder.", rich_help_panel=_METHOD),
 ) -> None:
     """Calibrate MODEL with a method and write a recipe folder (integer weights, scales, provenance)."""
-    from qexport.pipeline import CalibrateConfig, calibrate as run_calibrate
+    from qexport.calibrate import CalibrateConfig, calibrate as run_calibrate
 
     options = {"percentile": percentile, "batch_size": batch_size, "patch_prob": patch_prob, "c": c,
                "per_channel_step": per_channel_step, "bias_correction": bias_correction, "schedule": schedule,
@@ -122,7 +122,7 @@ def build_engine(
     force: bool = typer.Option(False, "--force", help="Overwrite an existing engine folder."),
 ) -> None:
     """Build a runnable INT8 engine (and its FP32 baseline) from a QDQ ONNX file."""
-    from qexport.engine_build import build_engine_folder
+    from qexport.build_engine import build_engine_folder
 
     out = build_engine_folder(onnx_file, output, target, fp32=fp32, threads=threads, force=force)
     typer.echo(f"engine written to {out}")
@@ -177,7 +177,7 @@ def run(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """All four steps in one: calibrate, export, build-engine and verify into one run folder."""
-    from qexport.run_all import run_pipeline
+    from qexport.run import run_pipeline
     from qexport.verify.report import print_report
 
     rep, folder = run_pipeline(model=model, output=output, eval_data=eval_data, method=method, bits=bits,

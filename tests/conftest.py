@@ -122,7 +122,7 @@ def tiny_images(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_recipe(tmp_path_factory, tiny_images) -> Path:
     """A W8A8 minmax recipe of tests_support.models:tiny_net."""
-    from qexport.pipeline import CalibrateConfig, calibrate
+    from qexport.calibrate import CalibrateConfig, calibrate
 
     out = tmp_path_factory.mktemp("tiny_recipe") / "recipe"
     return calibrate(CalibrateConfig(model=TINY, output=out, method="minmax", bits="w8a8", data=str(tiny_images),
@@ -155,7 +155,7 @@ def cifar_test() -> Path:
 
 
 def _r20_recipe(tmp_path_factory, weights, data, bits: str, target: str, n: int) -> Path:
-    from qexport.pipeline import CalibrateConfig, calibrate
+    from qexport.calibrate import CalibrateConfig, calibrate
 
     out = tmp_path_factory.mktemp(f"r20_{bits}_{target}") / "recipe"
     return calibrate(CalibrateConfig(model="cifar:resnet20", output=out, method="mse", bits=bits, target=target,
@@ -192,7 +192,7 @@ def r20_w8a8_onnx(tmp_path_factory, r20_w8a8) -> Path:
 @pytest.fixture(scope="session")
 def r20_engine(tmp_path_factory, r20_w8a8_onnx) -> Path:
     """ONNX Runtime engine folder of the W8A8 ResNet-20 export."""
-    from qexport.engine_build import build_engine_folder
+    from qexport.build_engine import build_engine_folder
 
     return build_engine_folder(r20_w8a8_onnx, tmp_path_factory.mktemp("r20_engine") / "engine", "onnxruntime",
                                threads=2)

@@ -25,7 +25,7 @@ from qexport.calibrators.adasg import (
     student_loss,
 )
 from qexport.errors import QexportError
-from qexport.pipeline import CalibrateConfig, calibrate, work_dir_for
+from qexport.calibrate import CalibrateConfig, calibrate, work_dir_for
 
 SKIP = "shared folder with the CIFAR-10 ResNet-20 checkpoint / test-dev images not found (set QEXPORT_SHARED)"
 TINY = "qexport.zoo.digits:digits_net"  # 1x16x16, 10 classes, BN layers; random weights are enough here

@@ -274,7 +274,7 @@ def test_calibrate_output_exists(tmp_path, tiny_images, qx):
 def tiny_trt_onnx(tmp_path_factory, tiny_images):
     """tiny_net calibrated with the tensorrt plan and exported for tensorrt."""
     from qexport.export.qdq import export_recipe
-    from qexport.pipeline import CalibrateConfig, calibrate
+    from qexport.calibrate import CalibrateConfig, calibrate
 
     root = tmp_path_factory.mktemp("tiny_trt")
     r = calibrate(CalibrateConfig(model=TINY, output=root / "recipe", bits="w8a8", target="tensorrt",
@@ -284,7 +284,7 @@ def tiny_trt_onnx(tmp_path_factory, tiny_images):
 
 @pytest.fixture(scope="module")
 def tiny_engine(tmp_path_factory, tiny_recipe):
-    from qexport.engine_build import build_engine_folder
+    from qexport.build_engine import build_engine_folder
     from qexport.export.qdq import export_recipe
 
     root = tmp_path_factory.mktemp("tiny_engine")

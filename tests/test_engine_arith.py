@@ -92,7 +92,7 @@ def test_requantization_matches_qlinearconv_node(tmp_path, cin, zp_x, zp_y):
 
 # ---------------------------------------------------------------- whole models
 def _engine_for(tmp_path, recipe_dir):
-    from qexport.engine_build import build_engine_folder
+    from qexport.build_engine import build_engine_folder
     from qexport.export.qdq import export_recipe
 
     qdq, _, _ = export_recipe(recipe_dir, "onnxruntime", tmp_path / "model.onnx")
@@ -138,7 +138,7 @@ def residual_net() -> ResidualNet:
 
 @pytest.fixture(scope="module", params=["w8a8", "w4a8"])
 def residual_recipe(request, tmp_path_factory, tiny_images):
-    from qexport.pipeline import CalibrateConfig, calibrate
+    from qexport.calibrate import CalibrateConfig, calibrate
 
     out = tmp_path_factory.mktemp(f"residual_{request.param}") / "recipe"
     return calibrate(CalibrateConfig(model="test_engine_arith:residual_net", output=out, method="minmax",

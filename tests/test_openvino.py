@@ -44,7 +44,7 @@ def ov():
 def r20_ov(tmp_path_factory, ov, r20_weights, cifar_train):
     """A quick minmax W8A8 ResNet-20 recipe for target openvino and its QDQ export."""
     from qexport.export.qdq import export_recipe
-    from qexport.pipeline import CalibrateConfig, calibrate
+    from qexport.calibrate import CalibrateConfig, calibrate
 
     d = tmp_path_factory.mktemp("r20_ov")
     recipe = calibrate(CalibrateConfig(model="cifar:resnet20", output=d / "recipe", method="minmax", bits="w8a8",
@@ -86,7 +86,7 @@ def test_build_verify_openvino_cli_parity(tmp_path, r20_ov, cifar_test, qx):
 
 
 def test_engine_reloads_from_cache(tmp_path, r20_ov):
-    from qexport.engine_build import build_engine_folder
+    from qexport.build_engine import build_engine_folder
     from qexport.runtimes import load_engine
 
     _, qdq = r20_ov

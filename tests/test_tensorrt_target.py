@@ -2,7 +2,7 @@
 the CLI's missing-TensorRT error paths, and (on a CUDA machine) the runner's CUDA buffer plumbing with a fake
 TensorRT module. Tests that need the real TensorRT are marked ``tensorrt`` and skipped by default.
 
-The exports are real: ``qexport.pipeline.calibrate`` (minmax on a few random images, random weights where no
+The exports are real: ``qexport.calibrate.calibrate`` (minmax on a few random images, random weights where no
 checkpoint exists) followed by ``export_recipe`` (the exporter's own pre-write check is turned off here, so that
 the checker is what is being tested on every file the exporter writes).
 """
@@ -24,7 +24,7 @@ import torch
 from qexport import shared
 from qexport.export.check import check_model
 from qexport.export.qdq import export_recipe
-from qexport.pipeline import CalibrateConfig, calibrate
+from qexport.calibrate import CalibrateConfig, calibrate
 
 # model spec -> (input size override, image size of the calibration PNGs); small inputs keep this file fast:
 # the checker's rules do not depend on spatial size.
@@ -338,7 +338,7 @@ def test_tensorrt_runner_cuda_plumbing_with_fake_engine(tmp_path, monkeypatch):
 @needs_shared
 def test_tensorrt_engine_of_resnet20_agrees_with_quantsim(r20_trt, tmp_path):
     """Needs TensorRT 10 and an NVIDIA GPU; has never run in this project's CI."""
-    from qexport.engine_build import build_engine_folder
+    from qexport.build_engine import build_engine_folder
     from qexport.verify.compare import VerifyConfig, verify
 
     recipe, qdq = r20_trt

@@ -12,7 +12,7 @@ from typing import Callable, TypeVar
 
 from qexport.errors import QexportError
 from qexport.runtimes.base import Runner, Runtime
-from qexport.runtimes.engine import ENGINE_FORMAT, ENGINE_VERSION, read_engine_meta
+from qexport.runtimes.engine_folder import ENGINE_FORMAT, ENGINE_VERSION, read_engine_meta
 
 __all__ = ["ENGINE_FORMAT", "ENGINE_VERSION", "Runner", "Runtime", "get_runtime", "list_runtimes",
            "load_engine", "read_engine_meta", "register_runtime"]

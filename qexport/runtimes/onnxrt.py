@@ -28,7 +28,7 @@ from qexport.errors import QexportError
 from qexport.fileio import atomic_dir, check_output_free
 from qexport.runtimes import register_runtime
 from qexport.runtimes.base import Runner, Runtime
-from qexport.runtimes.engine import (engine_meta, io_names, read_engine_meta, resolve_threads, source_specs,
+from qexport.runtimes.engine_folder import (engine_meta, io_names, read_engine_meta, resolve_threads, source_specs,
                                      write_engine_json)
 
 _SAVE_LEVELS = {"basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}

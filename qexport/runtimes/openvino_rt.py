@@ -28,7 +28,7 @@ from qexport.errors import MissingDependencyError, QexportError
 from qexport.fileio import atomic_dir, check_output_free
 from qexport.runtimes import register_runtime
 from qexport.runtimes.base import Runner, Runtime
-from qexport.runtimes.engine import (
+from qexport.runtimes.engine_folder import (
     engine_meta,
     io_names,
     read_engine_meta,

@@ -25,7 +25,7 @@ from qexport.errors import MissingDependencyError, QexportError
 from qexport.fileio import atomic_dir, check_output_free
 from qexport.runtimes import register_runtime
 from qexport.runtimes.base import Runner, Runtime
-from qexport.runtimes.engine import (engine_meta, io_names, read_engine_meta, resolve_threads, source_specs,
+from qexport.runtimes.engine_folder import (engine_meta, io_names, read_engine_meta, resolve_threads, source_specs,
                                      write_engine_json)
 from qexport.verify.latency import LatencyStats, stats_from_durations
 

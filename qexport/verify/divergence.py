@@ -49,7 +49,7 @@ def register_exposer(target: str) -> Callable:
 def _expose_ort(engine_dir: Path, meta: dict, names: list[str], threads: int | None):
     import onnx
 
-    from qexport.runtimes.engine import resolve_threads
+    from qexport.runtimes.engine_folder import resolve_threads
     from qexport.runtimes.onnxrt import _session
 
     path = Path(engine_dir) / meta["models"]["int8"]
@@ -80,7 +80,7 @@ def _expose_ort(engine_dir: Path, meta: dict, names: list[str], threads: int | N
 
 @register_exposer("openvino")
 def _expose_openvino(engine_dir: Path, meta: dict, names: list[str], threads: int | None):
-    from qexport.runtimes.engine import resolve_threads
+    from qexport.runtimes.engine_folder import resolve_threads
     from qexport.runtimes.openvino_rt import _ov, model_properties
 
     ov = _ov()

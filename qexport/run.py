@@ -35,9 +35,9 @@ def run_pipeline(*, model: str, output: Path, eval_data: Path, method: str = "ms
     """
     import shutil
 
-    from qexport.engine_build import build_engine_folder
+    from qexport.build_engine import build_engine_folder
     from qexport.export.qdq import export_recipe
-    from qexport.pipeline import CalibrateConfig, calibrate
+    from qexport.calibrate import CalibrateConfig, calibrate
     from qexport.verify.compare import VerifyConfig, verify
 
     out = check_output_free(output, force)
