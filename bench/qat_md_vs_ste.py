@@ -93,7 +93,7 @@ def run_fp32(args, xt, yt, curve: list) -> dict:
 
 def run_qat(name: str, args, xt, yt, curve: list) -> dict:
     """Calibrate with a QAT method through the pipeline; QuantSim top-1 on test-dev; optionally the engine."""
-    from qexport.pipeline import CalibrateConfig, calibrate
+    from qexport.calibrate import CalibrateConfig, calibrate
     from qexport.recipe import QuantRecipe
 
     method, bits, fl = RUNS[name]

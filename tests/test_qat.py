@@ -35,7 +35,7 @@ def _ctx(data: Path, bits: str, first_last: int | None = None, work: Path | None
 
 
 def _calibrate(tmp: Path, data: Path, method: str, bits: str, **options) -> Path:
-    from qexport.pipeline import CalibrateConfig, calibrate
+    from qexport.calibrate import CalibrateConfig, calibrate
 
     return calibrate(CalibrateConfig(model=TINY, output=tmp / f"{method}_{bits}", method=method, bits=bits,
                                      first_last_bits=8, data=str(data), quiet=True,
@@ -216,7 +216,7 @@ def test_torchrun_two_ranks_train_identical_weights_and_write_once(tmp_path, lab
 
 # ---------------------------------------------------------------- resume, size
 def test_interrupted_run_resumes_bit_identically(tmp_path, labelled):
-    from qexport.pipeline import CalibrateConfig, calibrate
+    from qexport.calibrate import CalibrateConfig, calibrate
     from qexport.recipe import QuantRecipe
 
     def cfg(name: str, **kw) -> CalibrateConfig:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from qexport.pipeline import CalibrateConfig, calibrate
+from qexport.calibrate import CalibrateConfig, calibrate
 
 
 def main() -> None:
