@@ -1,7 +1,7 @@
 """QAT on CIFAR-10 ResNet-20: mirror descent (md) against the straight-through baseline (ste) at equal budget.
 
     python bench/qat_md_vs_ste.py --budget 30m [--runs fp32,md-w2a8,ste-w2a8,md-w1a8,ste-w1a8,md-w1a8-all]
-        [--seed 0] [--threads 2] [--engine md-w2a8,md-w1a8] [--eval-samples N] [--curve] [--out DIR]
+        [--seed 0] [--threads 2] [--engine md-w2a8,md-w1a8] [--eval-samples N] [--engine-samples N] [--curve] [--out DIR]
 
 Every run uses the same trainer, the 10,000 shared training images (10 % held out by the trainer for its
 progress bar), the same budget (``--budget`` wall-clock or ``--epochs``) and seed:
@@ -14,7 +14,7 @@ progress bar), the same budget (``--budget`` wall-clock or ``--epochs``) and see
 
 Top-1 is measured once at the end on test-dev (QuantSim, float64 accumulation; ``--eval-samples`` for a seeded
 subset), never during training. ``--engine RUNS`` also exports those recipes, builds ONNX Runtime engines and runs
-``qexport verify`` (engine vs QuantSim agreement). ``--curve`` scores the hard-projected network on test-dev after
+``qexport verify`` (engine vs QuantSim agreement, on ``--engine-samples`` images). ``--curve`` scores the hard-projected network on test-dev after
 every epoch (top-1 against time: run it with a long ``--budget`` and ``--runs md-w1a8``). Results go to
 ``DIR/results.json`` after each run; rerunning skips finished runs (delete the file or pass ``--fresh`` to redo).
 """
@@ -119,7 +119,7 @@ def _engine(recipe: Path, args) -> dict:
              ["build-engine", onnx_path, "-o", engine, "--force", "--threads", str(args.threads)],
              ["verify", engine, "--recipe", recipe, "--data", TEST, "--bench-batch", "0", "--force", "-q",
               "--report", report, "--seed", str(args.seed)]
-             + (["--num-samples", str(args.eval_samples)] if args.eval_samples else [])]
+             + (["--num-samples", str(args.engine_samples)] if args.engine_samples else [])]
     for cmd in steps:
         subprocess.run(exe + [str(c) for c in cmd], check=True, env=env)
     acc = json.loads((report / "report.json").read_text())["accuracy"]
@@ -136,6 +136,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-samples", type=int, default=None, help="seeded test-dev subset (default: all 10,000)")
+    ap.add_argument("--engine-samples", type=int, default=1000, help="seeded test-dev subset for verify (0: all)")
     ap.add_argument("--curve", action="store_true", help="test-dev top-1 after every epoch")
     ap.add_argument("--out", type=Path, default=Path("bench_out/qat"))
     ap.add_argument("--fresh", action="store_true")

@@ -82,14 +82,18 @@ def open_labelled(root: str | Path, preprocess: Preprocess, num_classes: int | N
         raise QexportError(f"{root} holds too few images ({len(idx)}) to train on")
     val = sorted(idx[i] for i in perm[:n_val])
     train = sorted(idx[i] for i in perm[n_val:])
+    folder.validate(seed=seed)
     mem = None
     if preprocess.resize is None:
-        folder.validate(seed=seed)
-        x, y = load_tensor(folder, batch_size=256, progress=progress)
-        mem = (x, y)
-    else:
-        folder.validate(seed=seed)
+        key = (str(Path(root).resolve()), folder.fingerprint(), repr(preprocess))
+        if key not in _DECODED:  # one decode per process (benches train several methods on one folder)
+            _DECODED.clear()
+            _DECODED[key] = load_tensor(folder, batch_size=256, progress=progress)
+        mem = _DECODED[key]
     return LabelledSplit(folder, train, val, mem)
+
+
+_DECODED: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def check_labelled(folder: ImageFolder, num_classes: int | None) -> None:
