@@ -289,6 +289,9 @@ def calibrate_gpfq(ctx: CalibrationContext, cfg: GPFQConfig) -> dict:
     """
     if ctx.data is None:
         raise QexportError("--method gpfq needs calibration images: pass --data DIR (an image folder)")
+    if any(lp.weight.binary for lp in ctx.sim.plan.layers):
+        raise QexportError("--method gpfq has no binary {-1, +1} alphabet (its grid is mid-tread, with 0); use "
+                           "--method md or ste for 1-bit weights, or --bits w2a8 and up")
     started = time.time()
     sim, folded, device = ctx.sim, ctx.folded, ctx.device
     folded_device = next(iter(folded.parameters()), torch.zeros(0)).device

@@ -318,6 +318,11 @@ def build_qdq_model(recipe: QuantRecipe, target: str, opset: int = DEFAULT_OPSET
     model = _GraphEditor(model, recipe, target).rewrite()
     info = {"qexport.kind": "qdq", "qexport.target": target, "qexport.bits": recipe.plan.bits.label,
             "qexport.model": recipe.model.spec, "qexport.method": recipe.provenance.get("method", "")}
+    # Each weight initializer's grid below 8 bits ("binary" or "intN"), so `qexport check` can test its integers.
+    low = [f"{lp.name}.weight_int8={'binary' if lp.weight.binary else f'int{lp.weight.bits}'}"
+           for lp in recipe.plan.layers if lp.weight.bits < 8]
+    if low:
+        info["qexport.weight_grids"] = ",".join(low)
     if recipe.plan.float_layers:
         info["qexport.float_layers"] = ",".join(recipe.plan.float_layers)
     if recipe.plan.float_layers or recipe.plan.bits.act_bits is None:

@@ -46,7 +46,7 @@ class ActQuantizer(nn.Module):
             return act_marker(x, self.point_name)
         if not self.enabled:
             return x
-        return fake_quant(x, self.scale, self.spec.qmin, self.spec.qmax)
+        return fake_quant(x, self.scale, self.spec.qmin, self.spec.qmax, self.spec.binary)
 
     def extra_repr(self) -> str:
         return f"{self.point_name}, bits={self.spec.bits}, signed={self.spec.signed}"
@@ -64,11 +64,12 @@ class WeightQuantizer(nn.Module):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return w
-        return fake_quant(w, channel_view(self.scale, w.dim()), self.spec.qmin, self.spec.qmax)
+        return fake_quant(w, channel_view(self.scale, w.dim()), self.spec.qmin, self.spec.qmax, self.spec.binary)
 
     def int_weight(self, w: torch.Tensor) -> torch.Tensor:
-        """Integer levels of ``w`` on this grid (int8)."""
-        return quantize_to_int(w, channel_view(self.scale, w.dim()), self.spec.qmin, self.spec.qmax)
+        """Integer levels of ``w`` on this grid (int8; binary grids give only -1 and +1)."""
+        return quantize_to_int(w, channel_view(self.scale, w.dim()), self.spec.qmin, self.spec.qmax,
+                               self.spec.binary)
 
 
 class _QuantLayerMixin:

@@ -127,6 +127,9 @@ def verify(cfg: VerifyConfig) -> tuple[dict, Path]:
         "accuracy": accuracy,
         "latency": benchmark_engines(engine, fp32_engine, cfg.bench_batch_sizes, cfg.bench_iters),
     }
+    from qexport.verify.size import model_size
+
+    report["model_size"] = model_size(recipe)
     report["checks"] = threshold_checks(accuracy, cfg.max_drop, cfg.min_agreement)
     report["passed"] = all(c["passed"] for c in report["checks"])
     if cfg.divergence and not report["passed"]:
