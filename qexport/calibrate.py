@@ -20,6 +20,7 @@ import torch
 from qexport.errors import QexportError
 from qexport.fileio import atomic_dir, check_output_free
 from qexport.progress import progress_bar
+from qexport.quant.layer_bits import resolve_bits
 from qexport.quant.spec import BitsConfig
 
 
@@ -46,6 +47,8 @@ class CalibrateConfig:
         quiet: no progress bars.
         options: method options (validated by the method's config).
         extras: passed to the calibrator as ``ctx.extras`` (benches and tests: hooks such as ``qat_on_epoch``).
+        layer_bits: ``NAME=wNaM`` per-layer widths on top of ``bits`` (mixed precision).
+        auto_bits: with ``bits="auto"``: the budget per-layer widths are chosen for (qexport/mixed/allocate.py).
     """
 
     model: str
@@ -68,6 +71,8 @@ class CalibrateConfig:
     quiet: bool = False
     options: dict = field(default_factory=dict)
     extras: dict = field(default_factory=dict)
+    layer_bits: tuple[str, ...] = ()
+    auto_bits: object | None = None
 
 
 def resolve_device(device: str) -> str:
@@ -107,6 +112,12 @@ def calibrate(cfg: CalibrateConfig) -> Path:
     info = get_calibrator(cfg.method)
     method_cfg = build_config(info.config, cfg.options, f"--method {cfg.method}")
     bits = BitsConfig.parse(cfg.bits, cfg.first_last_bits)
+    auto = cfg.bits.strip().lower() == "auto"
+    if auto and cfg.auto_bits is None:
+        raise QexportError("--bits auto needs a budget: --weight-bits-avg 4.5, --size-kb 100 or --act-bits-avg 6")
+    if not auto and cfg.auto_bits is not None:
+        raise QexportError("--weight-bits-avg, --act-bits-avg and --size-kb go with --bits auto")
+    bits = BitsConfig(8, 8) if auto else resolve_bits(cfg.bits, cfg.layer_bits, cfg.first_last_bits)
     check_output_free(cfg.output, cfg.force)
     if cfg.num_samples <= 0:
         raise QexportError(f"--num-samples must be positive, got {cfg.num_samples}")
@@ -139,6 +150,13 @@ def calibrate(cfg: CalibrateConfig) -> Path:
         data_fp = folder.fingerprint()
     if hasattr(method_cfg, "check_plan"):  # options that depend on the plan (e.g. md's levels vs the widths)
         method_cfg.check_plan(plan)
+    allocation = None
+    if auto:
+        from qexport.mixed.allocate import allocate_for_run
+
+        bits, allocation = allocate_for_run(cfg.auto_bits, cfg.model, folded, cfg.target, data, cfg.seed,
+                                            cfg.keep_float, cfg.quiet)
+        plan = build_plan(folded, cfg.target, bits, tuple(cfg.keep_float))
     sim = QuantSim(folded, plan)
     work = work_dir_for(Path(cfg.output))
     if cfg.resume and not work.is_dir():
@@ -157,6 +175,8 @@ def calibrate(cfg: CalibrateConfig) -> Path:
         metrics = info.fn(ctx, method_cfg) or {}
         sim = ctx.sim.cpu().eval()
         metrics["calibration_seconds"] = round(time.time() - started, 2)
+        if allocation is not None:
+            metrics["mixed_precision"] = allocation
         ref = ModelRef(cfg.model, tuple(loaded.input_shape), loaded.preprocess.to_dict(), loaded.num_classes,
                        str(cfg.weights) if cfg.weights else None, loaded.weights_sha256)
         provenance = {"method": cfg.method, "config": config_record(method_cfg), "seed": cfg.seed,
