@@ -111,7 +111,6 @@ def calibrate(cfg: CalibrateConfig) -> Path:
 
     info = get_calibrator(cfg.method)
     method_cfg = build_config(info.config, cfg.options, f"--method {cfg.method}")
-    bits = BitsConfig.parse(cfg.bits, cfg.first_last_bits)
     auto = cfg.bits.strip().lower() == "auto"
     if auto and cfg.auto_bits is None:
         raise QexportError("--bits auto needs a budget: --weight-bits-avg 4.5, --size-kb 100 or --act-bits-avg 6")
