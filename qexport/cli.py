@@ -294,12 +294,11 @@ def check(
     raise typer.Exit(run_check(onnx_file, target, echo=typer.echo))
 
 
+from qexport.cli_compare import compare as _compare  # noqa: E402
+from qexport.cli_sensitivity import sensitivity as _sensitivity  # noqa: E402
 from qexport.cli_synthesize import synthesize as _synthesize  # noqa: E402
 
 app.command("synthesize")(_synthesize)
-from qexport.cli_compare import compare as _compare  # noqa: E402
-from qexport.cli_sensitivity import sensitivity as _sensitivity  # noqa: E402
-
 app.command("sensitivity")(_sensitivity)
 app.command("compare")(_compare)
 

@@ -120,3 +120,21 @@ def test_bits_auto_measures_when_no_table(tmp_path, tiny_images):
     assert sum(numels[lp.name] * lp.weight.bits for lp in rec.plan.layers) / 8192 <= 1.2
     mp = rec.metrics["mixed_precision"]
     assert mp["mean_act_bits"] <= 6.0 and mp["sensitivity"].startswith("measured at")
+
+
+def test_allocation_stays_at_or_above_the_floor_of_the_mean_by_default():
+    from qexport.mixed.allocate import allocate
+
+    # four equal layers; the first is very sensitive, the others not: without the floor rule the knapsack pays
+    # for 8-bit on the first with 2-bit elsewhere; with it every layer stays >= 4 bits.
+    def row(name, w2, w4):
+        return {"layer": name, "weights": 100, "input_point": None,
+                "loss": {"w2a4": {"weight": w2}, "w4a4": {"weight": w4}}}
+
+    table = {"widths": ["w2a4", "w4a4"], "layers": [row("a", 9.0, 1.0), row("b", 0.1, 0.01), row("c", 0.1, 0.01),
+                                                    row("d", 0.1, 0.01)]}
+    free = allocate(table, weight_bits_avg=4.5, floor=False)
+    assert free["layers"]["a"][0] == 8 and min(w for w, _ in free["layers"].values()) == 2
+    floored = allocate(table, weight_bits_avg=4.5)
+    assert min(w for w, _ in floored["layers"].values()) == 4 and floored["mean_weight_bits"] <= 4.5
+    assert allocate(table, weight_bits_avg=5.0)["layers"]["a"][0] == 8  # 4+4+4+8 = mean 5

@@ -37,6 +37,7 @@ class AutoBitsConfig:
     size_kb: float | None = field(default=None, metadata={"help": "integer weights budget in KB (1024 bytes)"})
     sensitivity: str | None = field(default=None, metadata={"help": "sensitivity.json (default: measured now)"})
     probe: str = field(default=DEFAULT_PROBE, metadata={"help": "widths measured when no table is given"})
+    floor: bool = field(default=True, metadata={"help": "no layer below the floor of the mean budget"})
 
     def __post_init__(self) -> None:
         if self.weight_bits_avg is None and self.act_bits_avg is None and self.size_kb is None:
@@ -101,8 +102,20 @@ def _choices(row: dict, kind: str, widths: list[tuple[int, int | None]], labels:
     return out
 
 
+def _floored(items, budget: float, total: int) -> list:
+    """Drop the choices below the floor of the mean width the budget allows, when that stays feasible.
+
+    The knapsack adds per-layer losses; several layers far below the mean cost more together than their sum
+    (ResNet-20, mse, mean 4.5 weight bits from {3, 4, 6, 8}: see docs/mixed_precision.md), so by default no layer
+    goes below the floor of the mean.
+    """
+    low = int(math.floor(budget / max(total, 1) + 1e-9))
+    kept = [[c for c in ch if c[2] >= low] or [max(ch, key=lambda c: c[2])] for ch in items]
+    return kept if sum(min(c for c, _, _ in ch) for ch in kept) <= budget else items
+
+
 def allocate(table: dict, *, weight_bits_avg: float | None = None, size_kb: float | None = None,
-             act_bits_avg: float | None = None) -> dict:
+             act_bits_avg: float | None = None, floor: bool = True) -> dict:
     """Choose per-layer widths from a sensitivity table.
 
     Args:
@@ -110,6 +123,7 @@ def allocate(table: dict, *, weight_bits_avg: float | None = None, size_kb: floa
         weight_bits_avg: mean weight bits budget.
         size_kb: integer weight budget in KB.
         act_bits_avg: mean input bits budget (None: inputs at 8 bits).
+        floor: no width below the floor of the mean budget (when that is feasible).
 
     Returns:
         ``{"layers": {name: (w, a)}, "mean_weight_bits", "weight_kb", "mean_act_bits", "predicted_loss"}``.
@@ -128,6 +142,7 @@ def allocate(table: dict, *, weight_bits_avg: float | None = None, size_kb: floa
     w_pick = [8] * len(rows)
     if budgets:
         budget, flag = min(budgets)
+        w_items = _floored(w_items, budget, total_w) if floor else w_items
         w_pick = _solve(w_items, budget, flag, total_w, "weight bits", lambda bits: f"{bits / total_w:.2f} mean "
                         f"weight bits, {bits / 8192:.2f} KB")
     point_rows = {}
@@ -140,6 +155,7 @@ def allocate(table: dict, *, weight_bits_avg: float | None = None, size_kb: floa
         a_items = [[(point_rows[p]["input_elems"] * b, loss, b)
                     for b, loss in sorted(_choices(point_rows[p], "act", widths, labels).items())] for p in points]
         total_a = sum(point_rows[p]["input_elems"] for p in points)
+        a_items = _floored(a_items, act_bits_avg * total_a, total_a) if floor else a_items
         picks = _solve(a_items, act_bits_avg * total_a, f"--act-bits-avg {act_bits_avg:g}", total_a, "input bits",
                        lambda bits: f"{bits / total_a:.2f} mean input bits")
         a_pick = dict(zip(points, picks))
@@ -215,7 +231,7 @@ def allocate_for_run(auto: AutoBitsConfig, model: str, folded, target: str, data
         raise QexportError(f"sensitivity table {auto.sensitivity} does not fit this model's layers (e.g. "
                            f"{', '.join(odd)}); measure it for this model with `qexport sensitivity`")
     alloc = allocate(table, weight_bits_avg=auto.weight_bits_avg, size_kb=auto.size_kb,
-                     act_bits_avg=auto.act_bits_avg)
+                     act_bits_avg=auto.act_bits_avg, floor=auto.floor)
     bits = bits_config(alloc, quantized_acts=parse_width(table["widths"][0], "table")[1] is not None)
     info = {k: v for k, v in alloc.items() if k != "layers"}
     info.update(layers={n: f"w{w}a{a if a else 32}" for n, (w, a) in alloc["layers"].items()},
