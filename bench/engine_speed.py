@@ -194,7 +194,6 @@ def time_model(name: str, built: dict, threads: int, iters: int) -> dict:
         batch -> {"p50": engine -> ms, "min": engine -> ms}.
     """
     from qexport.runtimes import load_engine
-    from qexport.latency import interleaved_compare
 
     first = next(iter(built["engines"].values()))
     runners = {"fp32": load_engine(first, "fp32", threads)}
