@@ -282,7 +282,7 @@ def test_cli_options_reach_the_config(tmp_path):
                                    "--iters-per-epoch", "2", "--batch-size", "4", "--loss", "gdfq", "--quiet",
                                    "--device", "cpu", "-o", str(tmp_path / "cli")])
     assert res.exit_code == 0, res.output
-    options = json.loads((tmp_path / "cli" / "recipe.json").read_text())["provenance"]["options"]
+    options = json.loads((tmp_path / "cli" / "recipe.json").read_text())["provenance"]["config"]["values"]
     assert (options["epochs"], options["iters_per_epoch"], options["batch_size"], options["loss"]) == (2, 2, 4, "gdfq")
     res = CliRunner().invoke(app, ["calibrate", TINY, "--method", "adasg", "--time-budget", "soon", "--quiet",
                                    "-o", str(tmp_path / "cli2")])
