@@ -17,6 +17,7 @@ from typing import Iterator
 
 import torch
 
+from qexport.device import resolve_device, work_dir_for  # noqa: F401  (part of this module's API)
 from qexport.errors import QexportError
 from qexport.fileio import atomic_dir, check_output_free
 from qexport.progress import progress_bar
@@ -73,22 +74,6 @@ class CalibrateConfig:
     extras: dict = field(default_factory=dict)
     layer_bits: tuple[str, ...] = ()
     auto_bits: object | None = None
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when a GPU is available, else ``cpu``; validates explicit choices."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise QexportError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise QexportError(f"--device {device!r} is not understood; use auto, cpu or cuda")
-    return device
-
-
-def work_dir_for(output: Path) -> Path:
-    """Persistent checkpoint folder of a run writing ``output`` (kept on interrupt, removed on success)."""
-    return output.with_name(f".{output.name}.work")
 
 
 def calibrate(cfg: CalibrateConfig) -> Path:
