@@ -393,10 +393,10 @@ def rule_qdq_pair(model: onnx.ModelProto, ix: GraphIndex) -> list[Violation]:
             out.append(Violation("qdq-pair", ix.label(q), "Q output is a graph output: follow it with a DQ"))
         s, (zp, _) = _scale(ix, q), _zp(ix, q)
         for c in ix.consumers.get(q.output[0], []):
-            if c.op_type == "Clip" and ix.target != "tensorrt":
-                continue  # a low-bit clip of the codes: the code-clip rule checks it and its DQs
             if _code_lookup(ix, c):
                 continue
+            if c.op_type == "Clip" and ix.target != "tensorrt":
+                continue  # a low-bit clip of the codes: the code-clip rule checks it and its DQs
             if c.op_type != DQ:
                 out.append(Violation("qdq-pair", ix.label(q), f"Q output feeds {c.op_type} {ix.label(c)}, not a DQ"))
                 continue

@@ -195,3 +195,28 @@ def align_plan(plan, folded, with_bn: set[str], gain: float = DEFAULT_GAIN):
     if not aligned:
         raise QexportError("no activation point follows a Conv-BN-ReLU, nothing to align; use --opt align=weights")
     return dataclasses.replace(plan, activations=tuple(new)), aligned
+
+
+def relu_points(plan, folded) -> list[str]:
+    """Activation points on a ReLU output straight after a quantized layer (BN or not): the points alignment
+    would take, where ``--no-cdf`` still preserves correlations.
+
+    Args:
+        plan: the QuantPlan.
+        folded: its BN-folded GraphModule.
+
+    Returns:
+        Point names.
+    """
+    from qexport.quant import graph_ops
+
+    by_name = {n.name: n for n in folded.graph.nodes}
+    quantized = {lp.name for lp in plan.layers}
+    out = []
+    for ap in plan.activations:
+        node = by_name.get(ap.name)
+        ins = graph_ops.tensor_inputs(node) if node is not None else []
+        if (ins and graph_ops.is_relu(folded, node) and ins[0].op == "call_module" and ins[0].target in quantized
+                and not ap.spec.signed):
+            out.append(ap.name)
+    return out

@@ -253,7 +253,7 @@ class OrtIntegerArithmetic:
             if user not in aq_of:
                 return None
         aq = aq_of[user]
-        zp, _ = ort_encoding(aq.incoming()[1])
+        zp, _ = ort_encoding(aq.incoming()[1])  # an aligned point's incoming codes are the kernel's output
         if via_relu and zp != 0:  # ORT drops a Relu only before zero point 0
             return None
         return aq

@@ -61,7 +61,8 @@ class ActQuantizer(nn.Module):
 
             if not self.enabled:
                 return aligned_float(x, self.gain)
-            return aligned_forward(x, self.in_scale, self.in_spec, self.gain, self.scale, self.spec)
+            # Both grids are fixed (gain / n, saturation / 255): a trainer learning step sizes leaves them alone.
+            return aligned_forward(x, self.in_scale, self.in_spec, self.gain, self.scale.detach(), self.spec)
         if not self.enabled:
             return x
         return fake_quant(x, self.scale, self.spec.qmin, self.spec.qmax, self.spec.binary)
