@@ -159,7 +159,7 @@ def calibrate(cfg: CalibrateConfig) -> Path:
         try:
             metrics = info.fn(ctx, method_cfg) or {}
         except QexportError:
-            if not any(work.iterdir()):  # refused before any checkpoint: leave nothing behind
+            if writer and work.is_dir() and not any(work.iterdir()):  # refused before any checkpoint: leave nothing
                 shutil.rmtree(work, ignore_errors=True)
             raise
         sim = ctx.sim.cpu().eval()
