@@ -76,6 +76,7 @@ def test_verify_shows_each_layers_widths(tmp_path, tiny_images, qx):
 
 
 @pytest.mark.parametrize("method,options", [("minmax", {}), ("percentile", {}), ("gpfq", {"c": "1.0"}),
+                                            ("brecq", {"iters": 20, "act_iters": 5, "batch_size": 8}),
                                             ("adasg", {"epochs": 2, "iters_per_epoch": 2, "warmup_epochs": 1,
                                                        "batch_size": 4, "act_init_samples": 16})])
 def test_every_calibrator_takes_a_mixed_plan(tmp_path, tiny_images, method, options):
