@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from qexport.calibrators import register_calibrator
-from qexport.calibrators.adasg_config import parse_duration
+from qexport.duration import parse_duration
 from qexport.calibrators.base import CalibrationContext, calibrate_activations, set_weight_scales
 from qexport.calibrators.blocks import Block, block_module, find_blocks, layer_macs
 from qexport.calibrators.brecq_core import AdaRoundWeight, RoundingPhase, StepSizePhase, recon_loss
