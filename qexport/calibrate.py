@@ -5,14 +5,19 @@ Export, engine building and verification live in ``qexport.export``, ``qexport.r
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
+from qexport.device import resolve_device, work_dir_for  # noqa: F401  (part of this module's API)
 from qexport.errors import QexportError
 from qexport.fileio import atomic_dir, check_output_free
 from qexport.progress import progress_bar
@@ -42,6 +47,7 @@ class CalibrateConfig:
         resume: continue an interrupted run from its checkpoint.
         quiet: no progress bars.
         options: method options (validated by the method's config).
+        extras: passed to the calibrator as ``ctx.extras`` (benches and tests: hooks such as ``qat_on_epoch``).
         layer_bits: ``NAME=wNaM`` per-layer widths on top of ``bits`` (mixed precision).
         auto_bits: with ``bits="auto"``: the budget per-layer widths are chosen for (qexport/mixed/allocate.py).
     """
@@ -65,24 +71,9 @@ class CalibrateConfig:
     resume: bool = False
     quiet: bool = False
     options: dict = field(default_factory=dict)
+    extras: dict = field(default_factory=dict)
     layer_bits: tuple[str, ...] = ()
     auto_bits: object | None = None
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when a GPU is available, else ``cpu``; validates explicit choices."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise QexportError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise QexportError(f"--device {device!r} is not understood; use auto, cpu or cuda")
-    return device
-
-
-def work_dir_for(output: Path) -> Path:
-    """Persistent checkpoint folder of a run writing ``output`` (kept on interrupt, removed on success)."""
-    return output.with_name(f".{output.name}.work")
 
 
 def calibrate(cfg: CalibrateConfig) -> Path:
@@ -126,13 +117,23 @@ def calibrate(cfg: CalibrateConfig) -> Path:
     plan = build_plan(folded, cfg.target, bits, tuple(cfg.keep_float))
     data = labels = None
     data_fp = None
-    if info.needs_data and cfg.data is not None:
+    if info.needs_labels:  # QAT: the method reads the labelled folder itself (all of it, augmented)
+        if cfg.data is None:
+            raise QexportError(f"--method {cfg.method} trains on labelled images: pass --data DIR (one subfolder per class)")
+        from qexport.training.qat_data import check_labelled
+
+        folder = ImageFolder(cfg.data, loaded.preprocess)
+        check_labelled(folder, loaded.num_classes)
+        data_fp = folder.fingerprint()
+    elif info.needs_data and cfg.data is not None:
         folder = ImageFolder(cfg.data, loaded.preprocess)
         count = min(cfg.num_samples, len(folder))
         with progress_bar(count, "loading calibration images", cfg.quiet) as bar:
             data, labels = load_tensor(folder, num_samples=cfg.num_samples, seed=cfg.seed,
                                        progress=lambda done, total: bar.update(completed=done))
         data_fp = folder.fingerprint()
+    if hasattr(method_cfg, "check_plan"):  # options that depend on the plan (e.g. md's levels vs the widths)
+        method_cfg.check_plan(plan)
     allocation = None
     if auto:
         from qexport.mixed.allocate import allocate_for_run
@@ -144,14 +145,23 @@ def calibrate(cfg: CalibrateConfig) -> Path:
     work = work_dir_for(Path(cfg.output))
     if cfg.resume and not work.is_dir():
         raise QexportError(f"--resume: no interrupted run found for {cfg.output} (expected {work})")
-    if not cfg.resume and work.is_dir():
+    writer = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes (work folder, recipe)
+    if writer and not cfg.resume and work.is_dir():
         shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
+    if writer:
+        work.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    with atomic_dir(cfg.output, force=cfg.force) as tmp:
+    out_dir = atomic_dir(cfg.output, force=cfg.force) if writer else _scratch_dir()
+    with out_dir as tmp:
         ctx = CalibrationContext(sim=sim, folded=folded, model=loaded, data=data, labels=labels, seed=cfg.seed,
-                                 device=device, quiet=cfg.quiet, artifact_dir=tmp, work_dir=work, resume=cfg.resume)
-        metrics = info.fn(ctx, method_cfg) or {}
+                                 device=device, quiet=cfg.quiet, artifact_dir=tmp, work_dir=work, resume=cfg.resume,
+                                 data_dir=Path(cfg.data) if info.needs_labels else None, extras=dict(cfg.extras))
+        try:
+            metrics = info.fn(ctx, method_cfg) or {}
+        except QexportError:
+            if writer and work.is_dir() and not any(work.iterdir()):  # refused before any checkpoint: leave nothing
+                shutil.rmtree(work, ignore_errors=True)
+            raise
         sim = ctx.sim.cpu().eval()
         metrics["calibration_seconds"] = round(time.time() - started, 2)
         if allocation is not None:
@@ -160,13 +170,23 @@ def calibrate(cfg: CalibrateConfig) -> Path:
                        str(cfg.weights) if cfg.weights else None, loaded.weights_sha256)
         provenance = {"method": cfg.method, "config": config_record(method_cfg), "seed": cfg.seed,
                       "bits": bits.label, "target": cfg.target, "device": device,
-                      "data": str(cfg.data) if data is not None else None, "data_fingerprint": data_fp,
-                      "num_samples": int(data.shape[0]) if data is not None else 0,
+                      "data": str(cfg.data) if data is not None or info.needs_labels else None,
+                      "data_fingerprint": data_fp,
+                      "num_samples": int(data.shape[0]) if data is not None else metrics.get("train_images", 0),
                       "invocation": _invocation(cfg)}
         recipe = QuantRecipe.from_quantsim(sim, folded, ref, provenance, metrics)
-        recipe.write_files(tmp)
-    shutil.rmtree(work, ignore_errors=True)
+        if writer:
+            recipe.write_files(tmp)
+    if writer:
+        shutil.rmtree(work, ignore_errors=True)
     return Path(cfg.output)
+
+
+@contextlib.contextmanager
+def _scratch_dir() -> Iterator[Path]:
+    """A throw-away artifact folder for the ranks that do not write (torchrun rank > 0)."""
+    with tempfile.TemporaryDirectory(prefix="qexport-rank-") as d:
+        yield Path(d)
 
 
 _REPLAYED = ("model", "method", "bits", "target", "weights", "data", "num_samples", "seed", "first_last_bits",

@@ -319,8 +319,9 @@ def _check_layer_tensors(folder: Path, lp, q: torch.Tensor | None, scale: torch.
         raise QexportError(f"recipe {folder}: tensor weight_scale/{name} has non-positive or non-finite scales; "
                            "recalibrate")
     q32 = q.to(torch.int64)
-    if q32.numel() and (q32.min() < lp.weight.qmin or q32.max() > lp.weight.qmax):
-        raise QexportError(f"recipe {folder}: layer {name!r} has integers outside its {lp.weight.bits}-bit grid")
+    if q32.numel() and not lp.weight.holds(q32):
+        grid = "binary grid {-1, +1}" if lp.weight.binary else f"{lp.weight.bits}-bit grid"
+        raise QexportError(f"recipe {folder}: layer {name!r} has integers outside its {grid}; recalibrate")
 
 
 def _check_plan_refs(folder: Path, plan: QuantPlan) -> None:

@@ -51,7 +51,7 @@ def run_pipeline(*, model: str, output: Path, eval_data: Path, method: str = "ms
         shutil.rmtree(out)
     out.mkdir(parents=True)
     recipe = calibrate(CalibrateConfig(model=model, output=out / "recipe", method=method, bits=bits,
-                                       target="onnxruntime" if target == "openvino" else target,
+                                       target=target,
                                        weights=str(weights) if weights else None, data=str(data) if data else None,
                                        num_samples=num_samples, seed=seed, quiet=quiet,
                                        options=dict(options or {})))

@@ -33,6 +33,7 @@ class CalibratorInfo:
     summary: str
     contract_options: dict = field(default_factory=dict)
     source: str = ""
+    needs_labels: bool = False
 
 
 _REGISTRY: dict[str, CalibratorInfo] = {}
@@ -41,7 +42,7 @@ _LOADED = False
 
 
 def register_calibrator(name: str, *, config: type, needs_data: bool, summary: str,
-                        contract_options: dict | None = None) -> Callable:
+                        contract_options: dict | None = None, needs_labels: bool = False) -> Callable:
     """Decorator registering a calibrator function ``fn(ctx, cfg) -> metrics dict``.
 
     Args:
@@ -52,6 +53,8 @@ def register_calibrator(name: str, *, config: type, needs_data: bool, summary: s
         summary: one line for ``qexport methods``.
         contract_options: options that make the method run in seconds on a tiny model (a tiny budget), used
             by the contract test; a config classmethod ``contract_options()`` works too.
+        needs_labels: the method trains on a labelled folder (QAT): the pipeline does not load images into
+            ``ctx.data`` but passes the folder as ``ctx.data_dir``; a flat folder is refused.
 
     Returns:
         The decorator.
@@ -64,7 +67,7 @@ def register_calibrator(name: str, *, config: type, needs_data: bool, summary: s
         quick = dict(contract_options or {})
         if not quick and hasattr(config, "contract_options"):
             quick = dict(config.contract_options())
-        _REGISTRY[name] = CalibratorInfo(name, fn, config, needs_data, summary, quick, fn.__module__)
+        _REGISTRY[name] = CalibratorInfo(name, fn, config, needs_data, summary, quick, fn.__module__, needs_labels)
         return fn
 
     return deco

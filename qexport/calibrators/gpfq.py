@@ -1,4 +1,5 @@
-"""``--method gpfq``: greedy path-following post-training weight quantization (paper 004, methods.md section 3).
+"""``--method gpfq``: greedy path-following post-training weight quantization (paper 004,
+../shared/docs/methods.md section 3).
 
 Layer by layer in graph order. The float model and the partially quantized model are run side by side on the
 calibration images by a node-by-node interpreter of the traced graph that keeps every live tensor of both
@@ -266,8 +267,6 @@ def quantize_layer(w: torch.Tensor, st: LayerStats, bits: int, qmin: int, qmax: 
     delta = deltas.gather(1, pick[:, None])[:, 0]
     err = err_all.gather(1, pick[:, None])[:, 0]
     cc = torch.tensor(c_values, dtype=torch.float64, device=w.device)[pick]
-    best = (k, delta, cc, err, ref)
-    k, delta, cc, err, ref = best
     rel = math.sqrt(float(err.sum()) / max(float(ref.sum()), 1e-30))
     return k, delta, cc, {"sampled_rel_error": rel}
 
@@ -290,6 +289,9 @@ def calibrate_gpfq(ctx: CalibrationContext, cfg: GPFQConfig) -> dict:
     """
     if ctx.data is None:
         raise QexportError("--method gpfq needs calibration images: pass --data DIR (an image folder)")
+    if any(lp.weight.binary for lp in ctx.sim.plan.layers):
+        raise QexportError("--method gpfq has no binary {-1, +1} alphabet (its grid is mid-tread, with 0); use "
+                           "--method md or ste for 1-bit weights, or --bits w2a8 and up")
     started = time.time()
     sim, folded, device = ctx.sim, ctx.folded, ctx.device
     folded_device = next(iter(folded.parameters()), torch.zeros(0)).device

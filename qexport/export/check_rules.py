@@ -1,4 +1,5 @@
-"""The QDQ rules of each target (see numerics.md), registered with :func:`qexport.export.check.register_rule`.
+"""The QDQ rules of each target (see ../shared/docs/numerics.md), registered with
+:func:`qexport.export.check.register_rule`.
 
 Rule ids: opset, onnx-checker, no-integer-ops, qdq-constant-params, scale-positive, scale-shape,
 trt-zero-point, ort-qdq-types, weight-per-channel, activation-per-tensor, quantized-inputs, residual-add,
@@ -238,6 +239,26 @@ def rule_weight_per_channel(model: onnx.ModelProto, ix: GraphIndex) -> list[Viol
     return out
 
 
+@register_rule("weight-grid", ALL, "weights recorded below 8 bits hold only their grid's integers (binary: -1, +1)")
+def rule_weight_grid(model: onnx.ModelProto, ix: GraphIndex) -> list[Violation]:
+    out = []
+    for name, grid in sorted(ix.weight_grids.items()):
+        q = ix.const(name)
+        if q is None:
+            out.append(Violation("weight-grid", name, f"the {grid} weight named in the metadata is not a constant"))
+            continue
+        if grid == "binary":
+            bad = int(((q != 1) & (q != -1)).sum())
+            want = "-1 or +1 (binary grid, no zero level)"
+        else:
+            b = int(grid[3:])
+            bad = int(((q < -(2 ** (b - 1))) | (q > 2 ** (b - 1) - 1)).sum())
+            want = f"in [{-(2 ** (b - 1))}, {2 ** (b - 1) - 1}] ({grid})"
+        if bad:
+            out.append(Violation("weight-grid", name, f"{bad} integers are not {want}"))
+    return out
+
+
 @register_rule("activation-per-tensor", TRT_ORT, "a Q of an activation has a scalar scale")
 def rule_activation_per_tensor(model: onnx.ModelProto, ix: GraphIndex) -> list[Violation]:
     out = []
@@ -272,8 +293,8 @@ def _quantized_compute(ix: GraphIndex, name: str) -> bool:
 @register_rule("residual-add", TRT_ORT, "a residual Add's inputs come from a DQ or straight from a quantized conv")
 def rule_residual_add(model: onnx.ModelProto, ix: GraphIndex) -> list[Violation]:
     """TensorRT: each input from a DQ or straight from a quantized Conv/Gemm/MatMul (placement rule of
-    architecture.md: conv + conv joins, as in ResNet downsample blocks, need no Q/DQ). onnxruntime (looser):
-    at least one input from a DQ, or every input straight from a quantized Conv/Gemm/MatMul."""
+    ../shared/docs/architecture.md: conv + conv joins, as in ResNet downsample blocks, need no Q/DQ).
+    onnxruntime (looser): at least one input from a DQ, or every input straight from a quantized Conv/Gemm/MatMul."""
     out = []
     for node in ix.nodes:
         if node.op_type != "Add" or len(node.input) != 2 or node.name in ix.float_nodes:
@@ -345,7 +366,24 @@ def _same(a: np.ndarray | None, b: np.ndarray | None) -> bool:
     return a is None or b is None or (a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b))
 
 
-@register_rule("qdq-pair", ALL, "a Q feeds only DQ nodes with the same scale, zero point and axis")
+def _code_lookup(ix: GraphIndex, cast: onnx.NodeProto) -> bool:
+    """``Q -> Cast -> Gather(constant table) -> DQ``: a table from one tensor's codes to another's (aligned points)."""
+    if cast.op_type != "Cast":
+        return False
+    users = ix.consumers.get(cast.output[0], [])
+    if len(users) != 1 or users[0].op_type != "Gather" or not ix.is_constant(users[0].input[0]):
+        return False
+    return all(c.op_type == DQ for c in ix.consumers.get(users[0].output[0], []))
+
+
+@register_rule("trt-no-lookup", ("tensorrt",), "TensorRT: no integer code lookup (Gather on Q codes)")
+def rule_trt_no_lookup(model: onnx.ModelProto, ix: GraphIndex) -> list[Violation]:
+    return [Violation("trt-no-lookup", ix.label(q), "a table lookup on Q codes (Gather of a uint8 table) is not "
+                      "TensorRT's explicit-quantization form; export aligned points with --erf-encoding erf")
+            for q in _qdq(ix) if q.op_type == Q and any(_code_lookup(ix, c) for c in ix.consumers.get(q.output[0], []))]
+
+
+@register_rule("qdq-pair", ALL, "a Q feeds only DQ nodes with the same scale, zero point and axis (or a code lookup)")
 def rule_qdq_pair(model: onnx.ModelProto, ix: GraphIndex) -> list[Violation]:
     out = []
     for q in _qdq(ix):
@@ -355,6 +393,8 @@ def rule_qdq_pair(model: onnx.ModelProto, ix: GraphIndex) -> list[Violation]:
             out.append(Violation("qdq-pair", ix.label(q), "Q output is a graph output: follow it with a DQ"))
         s, (zp, _) = _scale(ix, q), _zp(ix, q)
         for c in ix.consumers.get(q.output[0], []):
+            if _code_lookup(ix, c):
+                continue
             if c.op_type == "Clip" and ix.target != "tensorrt":
                 continue  # a low-bit clip of the codes: the code-clip rule checks it and its DQs
             if c.op_type != DQ:

@@ -61,6 +61,22 @@ def render_markdown(report: dict) -> str:
                      f"max {a['logit_abs_diff_max_vs_quantsim_float']:.4g}.")
     if a.get("top1_drop_points") is not None:
         lines.append(f"Top-1 drop of the engine vs FP32: {a['top1_drop_points']:.2f} points.")
+    if report.get("model_size"):
+        from qexport.verify.size import size_line
+
+        lines += ["", size_line(report["model_size"])]
+    sets = report.get("data_sets") or []
+    if sets:
+        lines += ["", "## Each image folder", "", "| folder | images | FP32 top-1 | QuantSim top-1 | engine top-1 | "
+                  "drop (points) | engine vs QuantSim |", "|---|---|---|---|---|---|---|"]
+        mean = report.get("more_data_mean") or {}
+        for d in sets + ([{"path": "mean over the folders after the first", "count": "", "accuracy": mean}]
+                         if mean else []):
+            acc = d["accuracy"]
+            drop = f"{acc['top1_drop_points']:.2f}" if acc.get("top1_drop_points") is not None else "-"
+            lines.append(f"| `{d['path']}` | {d['count']} | {_pct(acc.get('fp32_top1'))} | "
+                         f"{_pct(acc.get('quantsim_top1'))} | {_pct(acc.get('engine_top1'))} | {drop} | "
+                         f"{_pct(acc.get('engine_vs_quantsim_agreement'))} |")
     lat = report.get("latency") or []
     if lat:
         lines += ["", f"## Latency ({report['engine']['target']}, {report['engine']['threads']} threads, same run)", "",
@@ -128,12 +144,24 @@ def print_report(report: dict) -> None:
     t.add_row("INT8 engine", _pct(a.get("engine_top1")), _pct(a["engine_vs_quantsim_agreement"]))
     console = Console()
     console.print(t)
+    for d in report.get("data_sets") or []:
+        acc = d["accuracy"]
+        console.print(f"{d['path']}: engine top-1 {_pct(acc.get('engine_top1'))}, FP32 {_pct(acc.get('fp32_top1'))}, "
+                      f"agreement {_pct(acc.get('engine_vs_quantsim_agreement'))}")
+    if report.get("more_data_mean"):
+        m = report["more_data_mean"]
+        console.print(f"mean over the folders after the first: engine top-1 {_pct(m.get('engine_top1'))}, "
+                      f"FP32 {_pct(m.get('fp32_top1'))}, agreement {_pct(m.get('engine_vs_quantsim_agreement'))}")
     if report.get("quantsim_arithmetic"):
         msg = f"QuantSim arithmetic: {report['quantsim_arithmetic']}"
         if a.get("engine_vs_quantsim_float_agreement") is not None:
             msg += (f" (float QuantSim: top-1 {_pct(a.get('quantsim_float_top1'))}, engine agreement "
                     f"{_pct(a['engine_vs_quantsim_float_agreement'])})")
         console.print(msg)
+    if report.get("model_size"):
+        from qexport.verify.size import size_line
+
+        console.print(size_line(report["model_size"]))
     for row in report.get("latency") or []:
         i8, f32 = row.get("int8"), row.get("fp32")
         msg = f"batch {row['batch_size']}: INT8 p50 {i8['p50_ms']:.3f} ms"
