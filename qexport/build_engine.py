@@ -53,6 +53,7 @@ def build_engine_folder(onnx_path: Path, output: Path, target: str, *, fp32: Pat
         raise QexportError(f"ONNX file {onnx_path} not found; create it with `qexport export`")
     check_output_free(output, force)
     runtime = get_runtime(target)
+    build = build_config(runtime.options, dict(options or {}), f"--target {target}")
     meta = read_qexport_metadata(onnx_path)
     made_for = meta.get("qexport.target")
     if meta.get("qexport.kind") == "fp32":
@@ -65,6 +66,5 @@ def build_engine_folder(onnx_path: Path, output: Path, target: str, *, fp32: Pat
         fp32 = cand if cand.is_file() else None
     elif not Path(fp32).is_file():
         raise QexportError(f"FP32 baseline {fp32} not found")
-    build = build_config(runtime.options, dict(options or {}), f"--target {target}")
     kw = {f.name: getattr(build, f.name) for f in dataclasses.fields(build)}
     return runtime.build_engine(onnx_path, Path(output), fp32_onnx=fp32, threads=threads, force=force, **kw)
