@@ -6,8 +6,9 @@ int8 per channel for every target; activations and bias as the target's descript
 (qexport/quant/targets.py: uint8 with zero point 128 or 0 and an int32 bias DQ for onnxruntime and openvino,
 int8 with zero point 0 and a float bias on the int32 grid for tensorrt).
 
-A recipe exports to a target only when its plan is the one that target places on the same model (same
-parity); otherwise the export is refused with a one-line error that says to recalibrate.
+A recipe exports to a target only when the target's engine computes its plan as QuantSim does (no fusion points
+for a target without them, no unsigned 8-bit grid for an int8-only one); otherwise the export is refused with a
+one-line error that says to recalibrate.
 
 Below 8 bits an activation is an 8-bit Q/DQ pair with the low-bit scale, preceded by a Clip to the low-bit
 range, which reproduces the low-bit quantization exactly in an INT8 engine (../shared/docs/architecture.md).
@@ -29,7 +30,6 @@ from qexport import __version__
 from qexport.errors import QexportError
 from qexport.quant.markers import DOMAIN
 from qexport.fileio import atomic_file, check_output_free
-from qexport.quant.plan import build_plan
 from qexport.quant.spec import QuantSpec
 from qexport.quant.targets import get_target
 from qexport.recipe import QuantRecipe
@@ -256,26 +256,29 @@ def recipe_fingerprint(recipe_dir: str | Path) -> str:
     return h.hexdigest()
 
 
-def check_plan_fits(recipe: QuantRecipe, target: str, folded: torch.nn.Module | None = None) -> None:
-    """Refuse to export a recipe to a target whose plan it was not calibrated with (unless the plans are equal).
+def check_plan_fits(recipe: QuantRecipe, target: str) -> None:
+    """Refuse to export a recipe whose plan has points or grids the target's engine does not compute as QuantSim.
 
-    Targets with equal plan policies share plans. Otherwise the target's own plan of the same model is built and
-    compared with the recipe's: equal plans export exactly (e.g. W4A4, where the onnxruntime plan has no fusion
-    points and no unsigned 8-bit grid), different ones would not compute what QuantSim computed.
+    The target's plan policy (qexport/quant/targets.py) says what its engine takes: a plan with fusion points
+    (8-bit quantizers on layer outputs that feed an Add, the onnxruntime plan) goes only to targets that take
+    them, one with unsigned 8-bit grids only to targets that hold them. Everything else exports exactly (the
+    file computes what QuantSim computes): e.g. a tensorrt plan for onnxruntime, or any W4A4 plan anywhere.
 
     Args:
         recipe: the recipe.
         target: the export target.
-        folded: the recipe's float model, if already built.
     """
-    made_for = recipe.plan.target
-    if made_for == target or get_target(made_for).plan == get_target(target).plan:
-        return
-    gm = folded if folded is not None else recipe.build_float_model()
-    own = build_plan(gm, target, recipe.plan.bits, tuple(recipe.plan.float_layers))
-    if (own.layers, own.activations) != (recipe.plan.layers, recipe.plan.activations):
-        raise QexportError(f"this recipe was calibrated with the {made_for} plan, which differs from the {target} "
-                           f"plan (quantized points and grids); recalibrate with --target {target}")
+    made_for, policy = recipe.plan.target, get_target(target).plan
+    fusion = [ap.name for ap in recipe.plan.activations if ap.role == "fusion"]
+    unsigned8 = [ap.name for ap in recipe.plan.activations if ap.spec.bits == 8 and not ap.spec.signed]
+    why = None
+    if unsigned8 and not policy.unsigned_8bit:
+        why = f"unsigned 8-bit activations ({unsigned8[0]}, ...), which {target} cannot hold"
+    elif fusion and not policy.fusion_points:
+        why = f"fusion points ({fusion[0]}, ...), which the {target} engine does not compute as QuantSim does"
+    if why:
+        raise QexportError(f"this recipe was calibrated with the {made_for} plan, with {why}; "
+                           f"recalibrate with --target {target}")
 
 
 def build_qdq_model(recipe: QuantRecipe, target: str, opset: int = DEFAULT_OPSET, meta: dict | None = None) -> onnx.ModelProto:
@@ -293,11 +296,10 @@ def build_qdq_model(recipe: QuantRecipe, target: str, opset: int = DEFAULT_OPSET
     get_target(target)
     if opset < 13:
         raise QexportError(f"--opset {opset} is too old: per-channel Q/DQ needs opset 13 or newer")
-    for ap in recipe.plan.activations:  # fail before tracing when the target cannot hold a grid
+    check_plan_fits(recipe, target)  # fail before tracing when the target cannot run the plan
+    for ap in recipe.plan.activations:
         act_encoding(ap.spec, target)
-    folded = recipe.build_float_model()
-    check_plan_fits(recipe, target, folded)
-    sim = recipe.build_quantsim(folded)
+    sim = recipe.build_quantsim()
     with sim.export_mode(), torch.no_grad():
         model = _trace_to_onnx(sim, recipe.model.input_shape, opset)
     model = _GraphEditor(model, recipe, target).rewrite()

@@ -18,8 +18,9 @@ openvino      as onnxruntime              unsigned 8-bit  int32 DQ    openvino /
                                           fusion points
 ============  ==========================  ==============  ==========  ======================================
 
-Two targets whose plan policies are equal take each other's recipes unchanged; otherwise a recipe exports to a
-target only when the target's own plan of the same model is the recipe's plan (``qexport export`` checks).
+A recipe exports to a target whose policy takes every point and grid of its plan (``qexport export`` checks, and
+otherwise says to recalibrate): an onnxruntime W8A8 plan has fusion points that openvino and tensorrt do not
+take and unsigned 8-bit grids that tensorrt cannot hold; a tensorrt plan exports anywhere.
 """
 
 from __future__ import annotations
