@@ -110,13 +110,28 @@ def _moved_from(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
     return node
 
 
+def _check_layer_names(bits: BitsConfig, names: list[str], keep_float: tuple[str, ...]) -> None:
+    """Every per-layer width must name a quantized layer of the model (close names suggested)."""
+    import difflib
+
+    for name, _, _ in bits.layer_bits:
+        if name in names:
+            continue
+        if name in keep_float:
+            raise QexportError(f"layer {name!r} has a per-layer width but is kept in float (--keep-float); drop one")
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+        hint = f"close names: {', '.join(close)}" if close else f"quantizable layers: {', '.join(names[:6])}, ..."
+        raise QexportError(f"per-layer bits name no quantizable layer {name!r}; {hint}")
+
+
 def build_plan(gm: fx.GraphModule, target: str, bits: BitsConfig, keep_float: tuple[str, ...] = ()) -> QuantPlan:
     """Derive the default placement plan from a BN-folded traced model.
 
     Args:
         gm: the BN-folded float model as a torch.fx GraphModule.
         target: a registered target (qexport.quant.targets); its plan policy says which grids and points it takes.
-        bits: bit widths; ``first_last_bits`` applies to the first and last quantized layer.
+        bits: bit widths; ``first_last_bits`` applies to the first and last quantized layer, ``layer_bits``
+            (mixed precision) to the layers it names.
         keep_float: layer names to leave in float (also allows unsupported layers).
 
     Returns:
@@ -154,13 +169,11 @@ def build_plan(gm: fx.GraphModule, target: str, bits: BitsConfig, keep_float: tu
             acts[node.name] = ActPoint(node.name, spec, old.role if old else role, share)
         return node.name
 
+    _check_layer_names(bits, [n.target for n in layer_nodes], keep_float)
     layers = []
     for n in layer_nodes:
-        w_bits = bits.weight_bits
-        a_bits = bits.act_bits
-        if bits.first_last_bits and n.name in edge:
-            w_bits = bits.first_last_bits
-            a_bits = bits.first_last_bits if a_bits is not None else None
+        # a tensor feeding several layers takes the widest of their input widths (add_act keeps the wider)
+        w_bits, a_bits = bits.widths_for(n.target, n.name in edge)
         inp = graph_ops.tensor_inputs(n)[0]
         point = add_act(inp, a_bits, "input") if a_bits is not None else None
         kind = "conv2d" if type(graph_ops.target_module(gm, n)).__name__ == "Conv2d" else "linear"
