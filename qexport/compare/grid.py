@@ -73,7 +73,8 @@ def eval_names(paths: tuple[str, ...]) -> list[str]:
 
 
 def _plan_target(target: str) -> str:
-    return "onnxruntime" if target == "openvino" else target
+    """The plan a cell's recipe is calibrated with: the target's own (qexport/quant/targets.py)."""
+    return target
 
 
 def validate(cfg: CompareConfig) -> dict:

@@ -10,8 +10,14 @@ A recipe exports to a target only when the target's engine computes its plan as 
 for a target without them, no unsigned 8-bit grid for an int8-only one); otherwise the export is refused with a
 one-line error that says to recalibrate.
 
-Below 8 bits an activation is an 8-bit Q/DQ pair with the low-bit scale, preceded by a Clip to the low-bit
-range, which reproduces the low-bit quantization exactly in an INT8 engine (../shared/docs/architecture.md).
+Below 8 bits an activation is an 8-bit Q/DQ pair with the low-bit scale and a Clip to the low-bit range,
+which reproduces the low-bit quantization exactly in an INT8 engine (../shared/docs/architecture.md). Where the
+Clip goes is per target (the descriptor's ``clip_on_codes``): on the integer codes between Q and DQ,
+``Q -> Clip(codes, qmin + zp, qmax + zp) -> DQ`` (onnxruntime: the Q -> DQ pattern around every conv stays
+intact, so ONNX Runtime fuses QLinearConv with a cheap integer Clip after it; a float Clip before Q stops that
+fusion), or on the float values before Q, ``Clip(x, qmin * s, qmax * s) -> Q -> DQ`` (TensorRT accepts only a Q
+feeding a DQ). The two are the same function: Q rounds ``clip(x/s)`` and clipping commutes with the monotone
+rounding.
 """
 
 from __future__ import annotations
@@ -136,6 +142,16 @@ class _GraphEditor:
         s_name = self._const(f"{point}.act_scale", np.array(scale, dtype=np.float32))
         z_name = self._const(f"{point}.act_zero_point", zp_arr)
         src, out, nodes = node.input[0], node.output[0], []
+        if clip is not None and self.target.clip_on_codes:
+            np_t = np.uint8 if dtype == TensorProto.UINT8 else np.int8
+            lo = self._const(f"{point}.code_min", np.array(clip[0] + zp, dtype=np_t))
+            hi = self._const(f"{point}.code_max", np.array(clip[1] + zp, dtype=np_t))
+            nodes.append(helper.make_node("QuantizeLinear", [src, s_name, z_name], [f"{point}.q"], name=f"{point}.Q"))
+            nodes.append(helper.make_node("Clip", [f"{point}.q", lo, hi], [f"{point}.q_clipped"],
+                                          name=f"{point}.CodeClip"))
+            nodes.append(helper.make_node("DequantizeLinear", [f"{point}.q_clipped", s_name, z_name], [out],
+                                          name=f"{point}.DQ"))
+            return nodes
         if clip is not None:
             if self.target.exact_clip_bounds:
                 lo_v, hi_v = _exact_clip_bound(clip[0], scale, False), _exact_clip_bound(clip[1], scale, True)

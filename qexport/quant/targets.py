@@ -65,6 +65,8 @@ class Target:
             (``QuantSim.set_engine_arithmetic``), or None when it does not.
         exact_clip_bounds: low-bit Clip bounds are nudged so the engine, which clips integer codes, keeps the
             top level (OpenVINO).
+        clip_on_codes: a low-bit activation's Clip goes on the integer codes between Q and DQ (ONNX Runtime keeps
+            fusing the conv), else on the float values before Q (TensorRT takes only a Q feeding a DQ).
     """
 
     name: str
@@ -75,6 +77,7 @@ class Target:
     runtimes: tuple[str, ...]
     integer_arithmetic: str | None = None
     exact_clip_bounds: bool = False
+    clip_on_codes: bool = False
 
     def __post_init__(self):
         if self.act_dtype not in _ACT_DTYPES:
@@ -149,7 +152,7 @@ def get_target(name: str) -> Target:
 
 register_target(Target("onnxruntime", "ONNX Runtime CPU: uint8 activations, fused integer conv + add",
                        act_dtype="uint8", bias="int32", plan=PlanPolicy(unsigned_8bit=True, fusion_points=True),
-                       runtimes=("onnxruntime",), integer_arithmetic="onnxruntime"))
+                       runtimes=("onnxruntime",), integer_arithmetic="onnxruntime", clip_on_codes=True))
 register_target(Target("tensorrt", "TensorRT: int8 activations with zero point 0 (NVIDIA GPU)",
                        act_dtype="int8", bias="float", plan=PlanPolicy(unsigned_8bit=False, fusion_points=False),
                        runtimes=("tensorrt",)))
