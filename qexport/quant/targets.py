@@ -9,8 +9,8 @@ target is one :func:`register_target` call; nothing else lists the targets.
 target        activations                 plan policy     bias        runtimes / QuantSim integer arithmetic
 ============  ==========================  ==============  ==========  ======================================
 onnxruntime   uint8; zp 128 signed, 0     unsigned 8-bit  int32 DQ    onnxruntime / ``onnxruntime``
-              unsigned                    grids, fusion
-                                          points at 8 bit
+              unsigned                    grids, 8-bit
+                                          fusion points
 tensorrt      int8, zero point 0          signed 8-bit    float on    tensorrt / none
                                           grids only      int32 grid
 openvino      as onnxruntime              unsigned 8-bit  int32 DQ    openvino / none
@@ -41,8 +41,9 @@ class PlanPolicy:
     Args:
         unsigned_8bit: a non-negative tensor may take an unsigned 8-bit grid (an int8-only engine cannot hold
             one; below 8 bits an unsigned grid still fits int8).
-        fusion_points: at 8-bit activations, the outputs of quantized layers that feed a residual Add are
-            quantized too, so the runtime fuses the integer conv and add (ONNX Runtime's QLinearConv + QLinearAdd).
+        fusion_points: 8-bit points on the outputs of quantized layers that feed a residual Add (and the tail
+            points of qexport/quant/plan.py), so the runtime fuses the integer conv and add (ONNX Runtime's
+            QLinearConv + QLinearAdd) and nothing runs in float.
     """
 
     unsigned_8bit: bool
