@@ -149,7 +149,12 @@ def calibrate(cfg: CalibrateConfig) -> Path:
     with atomic_dir(cfg.output, force=cfg.force) as tmp:
         ctx = CalibrationContext(sim=sim, folded=folded, model=loaded, data=data, labels=labels, seed=cfg.seed,
                                  device=device, quiet=cfg.quiet, artifact_dir=tmp, work_dir=work, resume=cfg.resume)
-        metrics = info.fn(ctx, method_cfg) or {}
+        try:
+            metrics = info.fn(ctx, method_cfg) or {}
+        except QexportError:
+            if not any(work.iterdir()):  # refused before any checkpoint: leave nothing behind
+                shutil.rmtree(work, ignore_errors=True)
+            raise
         sim = ctx.sim.cpu().eval()
         metrics["calibration_seconds"] = round(time.time() - started, 2)
         if allocation is not None:
