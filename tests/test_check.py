@@ -23,7 +23,8 @@ TARGETS = list_targets()
 
 RULE_IDS = {"opset", "onnx-checker", "no-integer-ops", "qdq-constant-params", "scale-positive", "scale-shape",
             "trt-zero-point", "ort-qdq-types", "weight-per-channel", "activation-per-tensor", "quantized-inputs",
-            "residual-add", "clip-range", "qdq-pair", "bias-int32", "code-clip", "trt-no-lookup"}
+            "residual-add", "clip-range", "qdq-pair", "bias-int32", "code-clip", "weight-grid",
+            "trt-no-lookup"}
 S_IN, S_A, S_F = 0.02, 0.05, 0.03
 
 

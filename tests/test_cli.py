@@ -49,7 +49,7 @@ def test_calibrate_export_build_verify_check(tmp_path, tiny_images, qx):
     assert res.code == 0, res.err
     assert sorted(p.name for p in recipe.iterdir()) == ["recipe.json", "tensors.safetensors"]
     meta = json.loads((recipe / "recipe.json").read_text())
-    assert meta["provenance"]["options"]["percentile"] == 99.9 and meta["plan"]["bits"]["weight_bits"] == 4
+    assert meta["provenance"]["config"]["values"]["percentile"] == 99.9 and meta["plan"]["bits"]["weight_bits"] == 4
     assert not any(p.name.endswith((".tmp", ".work")) for p in tmp_path.iterdir())
 
     res = qx("export", recipe, "--target", "onnxruntime", "-o", onnx_file)

@@ -52,24 +52,36 @@ def test_export_to_a_target_whose_plan_differs_is_refused(tmp_path, ort_w8a8, qx
     from qexport.recipe import QuantRecipe
 
     assert any(ap.role == "fusion" for ap in QuantRecipe.load(ort_w8a8).plan.activations)
-    for target, why in (("openvino", "onnxruntime plan, with fusion points"),
-                        ("tensorrt", "unsigned 8-bit activations")):
+    for target, why in (("openvino", "onnxruntime plan"), ("tensorrt", "unsigned 8-bit activations")):
         out = tmp_path / f"{target}.onnx"
         assert_user_error(qx("export", ort_w8a8, "--target", target, "-o", out), why,
                           f"recalibrate with --target {target}")
         assert not out.exists()
 
 
-def test_export_to_a_target_that_takes_the_plan_is_allowed(tmp_path, tiny_images, qx):
-    """A tensorrt plan (signed grids, no fusion points) is taken by every target: it exports to onnxruntime and
-    openvino as it is, and the openvino plan (no fusion points) exports to onnxruntime."""
-    for made_for, targets in (("tensorrt", ("onnxruntime", "openvino")), ("openvino", ("onnxruntime",))):
-        recipe_dir = tmp_path / made_for
-        assert qx("calibrate", TINY, "--method", "minmax", "--target", made_for, "--data", tiny_images,
-                  "--num-samples", 12, "-o", recipe_dir, "-q").code == 0
-        for target in targets:
-            res = qx("export", recipe_dir, "--target", target, "-o", tmp_path / f"{made_for}-{target}.onnx")
-            assert res.code == 0, res.err
+def test_export_to_a_target_with_the_same_plan_is_exact(tmp_path, tiny_images, qx):
+    """At W4A4 the openvino and tensorrt plans are the same (no fusion points; unsigned grids below 8 bits fit
+    int8), so an openvino recipe exports to tensorrt (the plans compare equal); the onnxruntime plan adds fusion
+    points at every width, so its W4A4 recipe is refused for openvino."""
+    from qexport.export.qdq import check_plan_fits
+    from qexport.quant.plan import build_plan
+    from qexport.recipe import QuantRecipe
+
+    recipe_dir = tmp_path / "r"
+    assert qx("calibrate", TINY, "--method", "minmax", "--bits", "w4a4", "--data", tiny_images, "--num-samples", 12,
+              "--target", "openvino", "-o", recipe_dir, "-q").code == 0
+    recipe = QuantRecipe.load(recipe_dir)
+    folded = recipe.build_float_model()
+    own = build_plan(folded, "tensorrt", recipe.plan.bits)
+    assert (own.layers, own.activations) == (recipe.plan.layers, recipe.plan.activations)
+    check_plan_fits(recipe, "tensorrt", folded)
+    res = qx("export", recipe_dir, "--target", "tensorrt", "-o", tmp_path / "tensorrt.onnx")
+    assert res.code == 0, res.err
+    ort_dir = tmp_path / "ort"
+    assert qx("calibrate", TINY, "--method", "minmax", "--bits", "w4a4", "--data", tiny_images, "--num-samples", 12,
+              "-o", ort_dir, "-q").code == 0
+    assert_user_error(qx("export", ort_dir, "--target", "openvino", "-o", tmp_path / "ov.onnx"),
+                      "onnxruntime plan", "recalibrate with --target openvino")
 
 
 def test_build_engine_refuses_an_export_for_another_target(tmp_path, ort_w8a8, qx):

@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # onnx and numpy stay lazy: ``import qexport`` must be fast
 
 ALL: tuple[str, ...] = ("*",)  # a rule of every registered target (qexport.quant.targets)
 FLOAT_NODES_KEY = "qexport.float_nodes"
+WEIGHT_GRIDS_KEY = "qexport.weight_grids"  # "init=binary,init2=int4": weight initializers on a grid below 8 bits
 MODEL_NODE = "<model>"
 
 
@@ -158,6 +159,7 @@ class GraphIndex:
         self.graph_outputs = {o.name for o in g.output}
         meta = {p.key: p.value for p in model.metadata_props}
         self.float_nodes = {s.strip() for s in meta.get(FLOAT_NODES_KEY, "").split(",") if s.strip()}
+        self.weight_grids = dict(e.strip().rsplit("=", 1) for e in meta.get(WEIGHT_GRIDS_KEY, "").split(",") if "=" in e)
 
     def label(self, node: onnx.NodeProto) -> str:
         """The node's name, or ``OpType#index(first output)`` for an unnamed node."""

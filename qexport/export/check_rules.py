@@ -239,6 +239,26 @@ def rule_weight_per_channel(model: onnx.ModelProto, ix: GraphIndex) -> list[Viol
     return out
 
 
+@register_rule("weight-grid", ALL, "weights recorded below 8 bits hold only their grid's integers (binary: -1, +1)")
+def rule_weight_grid(model: onnx.ModelProto, ix: GraphIndex) -> list[Violation]:
+    out = []
+    for name, grid in sorted(ix.weight_grids.items()):
+        q = ix.const(name)
+        if q is None:
+            out.append(Violation("weight-grid", name, f"the {grid} weight named in the metadata is not a constant"))
+            continue
+        if grid == "binary":
+            bad = int(((q != 1) & (q != -1)).sum())
+            want = "-1 or +1 (binary grid, no zero level)"
+        else:
+            b = int(grid[3:])
+            bad = int(((q < -(2 ** (b - 1))) | (q > 2 ** (b - 1) - 1)).sum())
+            want = f"in [{-(2 ** (b - 1))}, {2 ** (b - 1) - 1}] ({grid})"
+        if bad:
+            out.append(Violation("weight-grid", name, f"{bad} integers are not {want}"))
+    return out
+
+
 @register_rule("activation-per-tensor", TRT_ORT, "a Q of an activation has a scalar scale")
 def rule_activation_per_tensor(model: onnx.ModelProto, ix: GraphIndex) -> list[Violation]:
     out = []

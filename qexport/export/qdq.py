@@ -6,18 +6,16 @@ int8 per channel for every target; activations and bias as the target's descript
 (qexport/quant/targets.py: uint8 with zero point 128 or 0 and an int32 bias DQ for onnxruntime and openvino,
 int8 with zero point 0 and a float bias on the int32 grid for tensorrt).
 
-A recipe exports to a target only when the target's engine computes its plan as QuantSim does (no fusion points
-for a target without them, no unsigned 8-bit grid for an int8-only one); otherwise the export is refused with a
-one-line error that says to recalibrate.
+A recipe exports to a target only when its plan is the one that target places on the same model (same
+parity); otherwise the export is refused with a one-line error that says to recalibrate.
 
 Below 8 bits an activation is an 8-bit Q/DQ pair with the low-bit scale and a Clip to the low-bit range,
-which reproduces the low-bit quantization exactly in an INT8 engine (../shared/docs/architecture.md). Where the
-Clip goes is per target (the descriptor's ``clip_on_codes``): on the integer codes between Q and DQ,
-``Q -> Clip(codes, qmin + zp, qmax + zp) -> DQ`` (onnxruntime: the Q -> DQ pattern around every conv stays
-intact, so ONNX Runtime fuses QLinearConv with a cheap integer Clip after it; a float Clip before Q stops that
-fusion), or on the float values before Q, ``Clip(x, qmin * s, qmax * s) -> Q -> DQ`` (TensorRT accepts only a Q
-feeding a DQ). The two are the same function: Q rounds ``clip(x/s)`` and clipping commutes with the monotone
-rounding.
+which reproduces the low-bit quantization exactly in an INT8 engine (architecture.md). Where the Clip goes is
+per target (the descriptor's ``code_clip``, qexport/quant/targets.py): on the integer codes between Q and DQ, ``Q -> Clip(codes, qmin + zp,
+qmax + zp) -> DQ`` (onnxruntime: the Q -> DQ pattern around every conv stays intact, so ONNX Runtime fuses
+QLinearConv with a cheap integer Clip after it; a float Clip before Q stops that fusion), or on the float
+values before Q, ``Clip(x, qmin * s, qmax * s) -> Q -> DQ`` (TensorRT accepts only a Q feeding a DQ). The two
+are the same function: Q rounds ``clip(x/s)`` and clipping commutes with the monotone rounding.
 """
 
 from __future__ import annotations
@@ -145,7 +143,7 @@ class _GraphEditor:
         s_name = self._const(f"{point}.act_scale", np.array(scale, dtype=np.float32))
         z_name = self._const(f"{point}.act_zero_point", zp_arr)
         src, out, nodes = node.input[0], node.output[0], []
-        if clip is not None and self.target.clip_on_codes:
+        if clip is not None and self.target.code_clip:
             np_t = np.uint8 if dtype == TensorProto.UINT8 else np.int8
             lo = self._const(f"{point}.code_min", np.array(clip[0] + zp, dtype=np_t))
             hi = self._const(f"{point}.code_max", np.array(clip[1] + zp, dtype=np_t))
@@ -175,8 +173,7 @@ class _GraphEditor:
         ap = self.plan_acts[point]
         s_in = np.float32(self.recipe.sim_state[f"gm.{aq_module_name(point)}.in_scale"])
         s_out = np.float32(self.recipe.act_scales[point])
-        t_name = self.target.name
-        (t_in, zp_in, _), (t_out, zp_out, _) = act_encoding(ap.in_spec, t_name), act_encoding(ap.spec, t_name)
+        (t_in, zp_in, _), (t_out, zp_out, _) = act_encoding(ap.in_spec, self.target.name), act_encoding(ap.spec, self.target.name)
         npt = lambda t: np.uint8 if t == TensorProto.UINT8 else np.int8  # noqa: E731
         si = self._const(f"{point}.in_scale", np.array(s_in, dtype=np.float32))
         zi = self._const(f"{point}.in_zero_point", np.array(zp_in, dtype=npt(t_in)))
@@ -313,17 +310,18 @@ def recipe_fingerprint(recipe_dir: str | Path) -> str:
     return h.hexdigest()
 
 
-def check_plan_fits(recipe: QuantRecipe, target: str) -> None:
+def check_plan_fits(recipe: QuantRecipe, target: str, folded: torch.nn.Module | None = None) -> None:
     """Refuse to export a recipe whose plan has points or grids the target's engine does not compute as QuantSim.
 
     The target's plan policy (qexport/quant/targets.py) says what its engine takes: a plan with fusion points
-    (8-bit quantizers on layer outputs that feed an Add, the onnxruntime plan) goes only to targets that take
-    them, one with unsigned 8-bit grids only to targets that hold them. Everything else exports exactly (the
-    file computes what QuantSim computes): e.g. a tensorrt plan for onnxruntime, or any W4A4 plan anywhere.
+    (the onnxruntime plan) goes only to targets that take them, one with unsigned 8-bit grids only to targets that
+    hold them. Everything else exports exactly (the file computes what QuantSim computes): e.g. a tensorrt plan
+    for onnxruntime, an openvino plan for onnxruntime or tensorrt at W4A4.
 
     Args:
         recipe: the recipe.
         target: the export target.
+        folded: unused (kept for callers that pass the float model).
     """
     made_for, policy = recipe.plan.target, get_target(target).plan
     fusion = [ap.name for ap in recipe.plan.activations if ap.role == "fusion"]
@@ -356,19 +354,25 @@ def build_qdq_model(recipe: QuantRecipe, target: str, opset: int = DEFAULT_OPSET
     get_target(target)
     if opset < 13:
         raise QexportError(f"--opset {opset} is too old: per-channel Q/DQ needs opset 13 or newer")
-    check_plan_fits(recipe, target)  # fail before tracing when the target cannot run the plan
     if erf_encoding not in ERF_ENCODINGS:
         raise QexportError(f"--erf-encoding {erf_encoding!r} is not one of {', '.join(ERF_ENCODINGS)}")
     for ap in recipe.plan.activations:  # fail before tracing when the target cannot hold a grid
         act_encoding(ap.spec, target)
         if ap.kind == "erf":
             _check_aligned_target(ap, target, erf_encoding)
-    sim = recipe.build_quantsim()
+    folded = recipe.build_float_model()
+    check_plan_fits(recipe, target, folded)
+    sim = recipe.build_quantsim(folded)
     with sim.export_mode(), torch.no_grad():
         model = _trace_to_onnx(sim, recipe.model.input_shape, opset)
     model = _GraphEditor(model, recipe, target, erf_encoding).rewrite()
     info = {"qexport.kind": "qdq", "qexport.target": target, "qexport.bits": recipe.plan.bits.label,
             "qexport.model": recipe.model.spec, "qexport.method": recipe.provenance.get("method", "")}
+    # Each weight initializer's grid below 8 bits ("binary" or "intN"), so `qexport check` can test its integers.
+    low = [f"{lp.name}.weight_int8={'binary' if lp.weight.binary else f'int{lp.weight.bits}'}"
+           for lp in recipe.plan.layers if lp.weight.bits < 8]
+    if low:
+        info["qexport.weight_grids"] = ",".join(low)
     if any(ap.kind == "erf" for ap in recipe.plan.activations):
         info["qexport.erf_encoding"] = erf_encoding
     if recipe.plan.float_layers:

@@ -3,16 +3,15 @@
 The plan is derived once from the BN-folded float graph and stored in the recipe; QuantSim and the
 exporter both read it, so they quantize exactly the same tensors (../shared/docs/architecture.md, invariant 1).
 
-Placement (../shared/docs/architecture.md): weights of every Conv2d/Linear per output channel; the input tensor
-of every quantized layer per tensor; for a residual Add, the input that does not come straight from a quantized layer.
-Each target's plan policy (qexport/quant/targets.py) adds the rest. ``tensorrt`` takes no unsigned 8-bit grid.
-Where the policy asks for fusion points (``onnxruntime``) there are ``fusion`` points too, so that nothing runs
-in float: at every activation width, 8-bit points on the conv outputs feeding an Add (QLinearConv +
-QLinearAdd; without them that conv runs in float) and on a residual block's output that no layer input point
-covers (the last block: QLinearAdd); and a point on the average pool in front of the classifier
-(QLinearGlobalAveragePool) with the classifier input's grid, whose scale the classifier input then shares
-(exact). A quantizer sits on a tensor: every consumer of that tensor sees the quantized value, in QuantSim and
-in the ONNX file alike.
+Placement (../shared/docs/architecture.md): weights of every Conv2d/Linear per output channel; the input tensor of every
+quantized layer per tensor; for a residual Add, the input that does not come straight from a quantized layer.
+Each target's plan policy (qexport/quant/targets.py) adds the rest: ``tensorrt`` takes no unsigned 8-bit grid;
+where ``fusion_points`` is set (``onnxruntime``) there are ``fusion`` points, so nothing runs in float: at
+every activation width, 8-bit points on the conv outputs feeding an Add (QLinearConv + QLinearAdd; without
+them that conv runs in float) and on a residual block's output that no layer input point covers (the last
+block: QLinearAdd); and a point on the average pool in front of the classifier (QLinearGlobalAveragePool) with
+the classifier input's grid, whose scale the classifier input then shares (exact). A quantizer sits on a
+tensor: every consumer of that tensor sees the quantized value, in QuantSim and in the ONNX file alike.
 """
 
 from __future__ import annotations
@@ -28,8 +27,8 @@ from qexport.quant.spec import BitsConfig, QuantSpec, activation_spec, weight_sp
 from qexport.quant.targets import get_target
 
 PLAN_VERSION = 1
-ACT_KINDS = ("linear", "erf")
 FUSION_BITS = 8
+ACT_KINDS = ("linear", "erf")
 
 
 @dataclass(frozen=True)
@@ -170,8 +169,6 @@ def _add_tail_points(gm: fx.GraphModule, nodes: list, last: LayerPoint, last_nod
     if pool.name != last.input_point and graph_ops.is_average(gm, pool) and pool.name not in acts:
         # The classifier input's grid: its point (after Flatten) then shares this scale and re-rounds nothing.
         add_act(pool, acts[last.input_point].spec.bits, "fusion")
-
-
 def _check_layer_names(bits: BitsConfig, names: list[str], keep_float: tuple[str, ...]) -> None:
     """Every per-layer width must name a quantized layer of the model (close names suggested)."""
     import difflib
@@ -192,6 +189,8 @@ def build_plan(gm: fx.GraphModule, target: str, bits: BitsConfig, keep_float: tu
     Args:
         gm: the BN-folded float model as a torch.fx GraphModule.
         target: a registered target (qexport.quant.targets); its plan policy says which grids and points it takes.
+        bits: bit widths; ``first_last_bits`` applies to the first and last quantized layer.
+        target: ``onnxruntime``, ``tensorrt`` or ``openvino``.
         bits: bit widths; ``first_last_bits`` applies to the first and last quantized layer, ``layer_bits``
             (mixed precision) to the layers it names.
         keep_float: layer names to leave in float (also allows unsupported layers).

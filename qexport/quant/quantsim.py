@@ -65,7 +65,7 @@ class ActQuantizer(nn.Module):
             return aligned_forward(x, self.in_scale, self.in_spec, self.gain, self.scale.detach(), self.spec)
         if not self.enabled:
             return x
-        return fake_quant(x, self.scale, self.spec.qmin, self.spec.qmax)
+        return fake_quant(x, self.scale, self.spec.qmin, self.spec.qmax, self.spec.binary)
 
     def incoming(self) -> tuple[torch.Tensor, QuantSpec]:
         """(scale, grid) of the codes the producer of this tensor writes (the fused output of the layer before).
@@ -94,11 +94,12 @@ class WeightQuantizer(nn.Module):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return w
-        return fake_quant(w, channel_view(self.scale, w.dim()), self.spec.qmin, self.spec.qmax)
+        return fake_quant(w, channel_view(self.scale, w.dim()), self.spec.qmin, self.spec.qmax, self.spec.binary)
 
     def int_weight(self, w: torch.Tensor) -> torch.Tensor:
-        """Integer levels of ``w`` on this grid (int8)."""
-        return quantize_to_int(w, channel_view(self.scale, w.dim()), self.spec.qmin, self.spec.qmax)
+        """Integer levels of ``w`` on this grid (int8; binary grids give only -1 and +1)."""
+        return quantize_to_int(w, channel_view(self.scale, w.dim()), self.spec.qmin, self.spec.qmax,
+                               self.spec.binary)
 
 
 class _QuantLayerMixin:

@@ -9,8 +9,8 @@ target is one :func:`register_target` call; nothing else lists the targets.
 target        activations                 plan policy     bias        runtimes / QuantSim integer arithmetic
 ============  ==========================  ==============  ==========  ======================================
 onnxruntime   uint8; zp 128 signed, 0     unsigned 8-bit  int32 DQ    onnxruntime / ``onnxruntime``
-              unsigned                    grids, 8-bit
-                                          fusion points
+              unsigned                    grids, fusion
+                                          points, code clip
 tensorrt      int8, zero point 0          signed 8-bit    float on    tensorrt / none
                                           grids only      int32 grid
 openvino      as onnxruntime              unsigned 8-bit  int32 DQ    openvino / none
@@ -18,9 +18,8 @@ openvino      as onnxruntime              unsigned 8-bit  int32 DQ    openvino /
                                           fusion points
 ============  ==========================  ==============  ==========  ======================================
 
-A recipe exports to a target whose policy takes every point and grid of its plan (``qexport export`` checks, and
-otherwise says to recalibrate): an onnxruntime W8A8 plan has fusion points that openvino and tensorrt do not
-take and unsigned 8-bit grids that tensorrt cannot hold; a tensorrt plan exports anywhere.
+Two targets whose plan policies are equal take each other's recipes unchanged; otherwise a recipe exports to a
+target only when the target's own plan of the same model is the recipe's plan (``qexport export`` checks).
 """
 
 from __future__ import annotations
@@ -41,9 +40,9 @@ class PlanPolicy:
     Args:
         unsigned_8bit: a non-negative tensor may take an unsigned 8-bit grid (an int8-only engine cannot hold
             one; below 8 bits an unsigned grid still fits int8).
-        fusion_points: 8-bit points on the outputs of quantized layers that feed a residual Add (and the tail
-            points of qexport/quant/plan.py), so the runtime fuses the integer conv and add (ONNX Runtime's
-            QLinearConv + QLinearAdd) and nothing runs in float.
+        fusion_points: at every activation width, 8-bit points on the outputs of quantized layers that feed a
+            residual Add, on the last block's output and on the pool before the classifier, so the runtime fuses
+            the integer conv, add and pool (ONNX Runtime's QLinearConv + QLinearAdd + QLinearGlobalAveragePool).
     """
 
     unsigned_8bit: bool
@@ -64,10 +63,10 @@ class Target:
         runtimes: runtimes that build this target's exports (``build-engine --target``).
         integer_arithmetic: name of the engine integer arithmetic QuantSim emulates for this target's engine
             (``QuantSim.set_engine_arithmetic``), or None when it does not.
+        code_clip: a low-bit activation's Clip acts on the integer codes between Q and DQ (keeps the Q -> DQ
+            pattern, so the runtime fuses the neighbouring convs); otherwise a float Clip before Q.
         exact_clip_bounds: low-bit Clip bounds are nudged so the engine, which clips integer codes, keeps the
             top level (OpenVINO).
-        clip_on_codes: a low-bit activation's Clip goes on the integer codes between Q and DQ (ONNX Runtime keeps
-            fusing the conv), else on the float values before Q (TensorRT takes only a Q feeding a DQ).
     """
 
     name: str
@@ -77,8 +76,8 @@ class Target:
     plan: PlanPolicy
     runtimes: tuple[str, ...]
     integer_arithmetic: str | None = None
+    code_clip: bool = False
     exact_clip_bounds: bool = False
-    clip_on_codes: bool = False
 
     def __post_init__(self):
         if self.act_dtype not in _ACT_DTYPES:
@@ -153,7 +152,7 @@ def get_target(name: str) -> Target:
 
 register_target(Target("onnxruntime", "ONNX Runtime CPU: uint8 activations, fused integer conv + add",
                        act_dtype="uint8", bias="int32", plan=PlanPolicy(unsigned_8bit=True, fusion_points=True),
-                       runtimes=("onnxruntime",), integer_arithmetic="onnxruntime", clip_on_codes=True))
+                       runtimes=("onnxruntime",), integer_arithmetic="onnxruntime", code_clip=True))
 register_target(Target("tensorrt", "TensorRT: int8 activations with zero point 0 (NVIDIA GPU)",
                        act_dtype="int8", bias="float", plan=PlanPolicy(unsigned_8bit=False, fusion_points=False),
                        runtimes=("tensorrt",)))

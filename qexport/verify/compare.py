@@ -126,6 +126,9 @@ def verify(cfg: VerifyConfig) -> tuple[dict, Path]:
         "accuracy": accuracy,
         "latency": benchmark_engines(engine, fp32_engine, cfg.bench_batch_sizes, cfg.bench_iters),
     }
+    from qexport.verify.size import model_size
+
+    report["model_size"] = model_size(recipe)
     report["checks"] = threshold_checks(accuracy, cfg.max_drop, cfg.min_agreement)
     if data_sets:
         report["data_sets"] = [{"path": str(cfg.data), "count": int(len(idx)), "labelled": ds.labelled,
