@@ -35,8 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from qexport import shared
-    from qexport.calibrators.adasg import AdaSGConfig, AdaSGTrainer
+    from qexport.calibrators.adasg import AdaSGConfig, AdaSGTask
     from qexport.calibrators.base import CalibrationContext
+    from qexport.training import Callbacks
     from qexport.data import load_tensor
     from qexport.models import fold_batchnorm, load_model
     from qexport.quant.plan import build_plan
@@ -78,25 +79,21 @@ def main(argv: list[str] | None = None) -> int:
                       "agree_synthetic": row.get("agree")})
         print(curve[-1], flush=True)
 
+    def on_step(tr, metrics: dict) -> None:  # an EMA of the student weights, beside the last ones
+        with torch.no_grad():
+            for p in tr.q_params:
+                if not tr.acts_frozen or id(p) not in average:
+                    average[id(p)] = p.detach().clone()
+                else:
+                    average[id(p)].mul_(args.ema).add_(p.detach(), alpha=1 - args.ema)
+
     def on_start(tr) -> None:
         print(f"start (after warm-up): {top1(tr.sim)}", flush=True)
 
     ctx = CalibrationContext(sim=sim, folded=folded, model=m, data=None, labels=None, seed=args.seed, device="cpu",
-                             quiet=True, extras={"adasg_on_epoch": on_epoch, "adasg_on_start": on_start})
-    tr = AdaSGTrainer(ctx, cfg)
-    step = tr.iteration
-
-    def iteration(warm: bool) -> dict:
-        out = step(warm)
-        with torch.no_grad():
-            for p in tr.q_params:
-                if warm or id(p) not in average:
-                    average[id(p)] = p.detach().clone()
-                else:
-                    average[id(p)].mul_(args.ema).add_(p.detach(), alpha=1 - args.ema)
-        return out
-
-    tr.iteration = iteration
+                             quiet=True, callbacks=Callbacks(on_epoch_end=on_epoch, on_warmup_end=on_start,
+                                                             on_step_end=on_step))
+    tr = AdaSGTask(ctx, cfg)
     tr.run()
     if args.out:
         with open(args.out, "w") as f:

@@ -34,8 +34,9 @@ def _log(msg: str) -> None:
 def run_one(bits: str, loss: str, args) -> dict:
     """One calibration run (in this process) with a per-epoch top-1 curve; returns the result dict."""
     from qexport import shared
-    from qexport.calibrators.adasg import AdaSGConfig, AdaSGTrainer
+    from qexport.calibrators.adasg import AdaSGConfig, AdaSGTask
     from qexport.calibrators.base import CalibrationContext
+    from qexport.training import Callbacks
     from qexport.data import load_tensor
     from qexport.models import fold_batchnorm, load_model
     from qexport.calibrate import resolve_device
@@ -70,14 +71,14 @@ def run_one(bits: str, loss: str, args) -> dict:
         if not row["warmup"]:
             curve.append({"epoch": row["epoch"], "seconds": row["seconds"], "top1": top1(tr.sim), "H": row.get("H"),
                           "BG": row.get("BG")})
-            _log(f"{bits} {loss} epoch {row['epoch']}/{tr.epochs} t {row['seconds']:.0f}s top1 {curve[-1]['top1']}")
+            _log(f"{bits} {loss} epoch {row['epoch']}/{tr.loop.epochs} t {row['seconds']:.0f}s top1 {curve[-1]['top1']}")
 
     def on_start(tr):
         start["top1"] = top1(tr.sim)
 
     ctx = CalibrationContext(sim=sim, folded=folded, model=m, data=None, labels=None, seed=args.seed, device=device,
-                             quiet=True, extras={"adasg_on_epoch": on_epoch, "adasg_on_start": on_start})
-    tr = AdaSGTrainer(ctx, cfg)
+                             quiet=True, callbacks=Callbacks(on_epoch_end=on_epoch, on_warmup_end=on_start))
+    tr = AdaSGTask(ctx, cfg)
     t0 = time.time()
     metrics = tr.run()
     final = top1(ctx.sim)
@@ -85,14 +86,14 @@ def run_one(bits: str, loss: str, args) -> dict:
             "device": device, "eval_samples": len(y_ev), "fp32": fp32, "start_top1": start.get("top1"),
             "final_top1": final, "drop": round(fp32 - final, 2), "wall_seconds": round(time.time() - t0, 1),
             "epochs_run": metrics["epochs_run"], "iterations": metrics["iterations"],
-            "epoch_seconds": [r["seconds"] for r in tr.history], "curve": curve}
+            "epoch_seconds": [r["seconds"] for r in tr.loop.history], "curve": curve}
 
 
 def time_epoch(args) -> dict:
     """Seconds per paper-schedule epoch (200 iterations, batch 16), warm-up and training, from ``--time-iters``
     timed iterations after two untimed ones; extrapolated to the full paper schedule (4 + 396 epochs)."""
     from qexport import shared
-    from qexport.calibrators.adasg import AdaSGConfig, AdaSGTrainer
+    from qexport.calibrators.adasg import AdaSGConfig, AdaSGTask
     from qexport.calibrators.base import CalibrationContext, set_weight_scales
     from qexport.models import fold_batchnorm, load_model
     from qexport.calibrate import resolve_device
@@ -110,7 +111,7 @@ def time_epoch(args) -> dict:
     for bits in args.bits:
         sim = QuantSim(folded, build_plan(folded, "onnxruntime", BitsConfig.parse(bits, None), ()))
         ctx = CalibrationContext(sim=sim, folded=folded, model=m, data=None, labels=None, seed=0, device=device, quiet=True)
-        tr = AdaSGTrainer(ctx, AdaSGConfig(schedule="paper"))
+        tr = AdaSGTask(ctx, AdaSGConfig(schedule="paper"))
         set_weight_scales(tr.sim, "mse")
         res = {}
         for warm in (True, False):

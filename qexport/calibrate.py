@@ -6,6 +6,7 @@ Export, engine building and verification live in ``qexport.export``, ``qexport.r
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -16,6 +17,7 @@ from typing import Iterator
 
 import torch
 
+from qexport.device import resolve_device, work_dir_for  # noqa: F401  (part of this module's API)
 from qexport.errors import QexportError
 from qexport.fileio import atomic_dir, check_output_free
 from qexport.progress import progress_bar
@@ -45,9 +47,9 @@ class CalibrateConfig:
         resume: continue an interrupted run from its checkpoint.
         quiet: no progress bars.
         options: method options (validated by the method's config).
+        extras: passed to the calibrator as ``ctx.extras`` (benches and tests: hooks such as ``qat_on_epoch``).
         layer_bits: ``NAME=wNaM`` per-layer widths on top of ``bits`` (mixed precision).
         auto_bits: with ``bits="auto"``: the budget per-layer widths are chosen for (qexport/mixed/allocate.py).
-        extras: passed to the calibrator as ``ctx.extras`` (benches and tests: hooks such as ``qat_on_epoch``).
     """
 
     model: str
@@ -69,25 +71,9 @@ class CalibrateConfig:
     resume: bool = False
     quiet: bool = False
     options: dict = field(default_factory=dict)
+    extras: dict = field(default_factory=dict)
     layer_bits: tuple[str, ...] = ()
     auto_bits: object | None = None
-    extras: dict = field(default_factory=dict)
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when a GPU is available, else ``cpu``; validates explicit choices."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise QexportError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise QexportError(f"--device {device!r} is not understood; use auto, cpu or cuda")
-    return device
-
-
-def work_dir_for(output: Path) -> Path:
-    """Persistent checkpoint folder of a run writing ``output`` (kept on interrupt, removed on success)."""
-    return output.with_name(f".{output.name}.work")
 
 
 def calibrate(cfg: CalibrateConfig) -> Path:
@@ -100,7 +86,8 @@ def calibrate(cfg: CalibrateConfig) -> Path:
         The recipe folder.
     """
     from qexport.calibrators import get_calibrator
-    from qexport.calibrators.base import CalibrationContext, config_from_options
+    from qexport.calibrators.base import CalibrationContext
+    from qexport.options import build_config, config_record
     from qexport.data import ImageFolder, load_tensor
     from qexport.models import fold_batchnorm, load_model
     from qexport.quant.plan import build_plan
@@ -108,7 +95,7 @@ def calibrate(cfg: CalibrateConfig) -> Path:
     from qexport.recipe import ModelRef, QuantRecipe
 
     info = get_calibrator(cfg.method)
-    method_cfg = config_from_options(info.config, cfg.options, cfg.method)
+    method_cfg = build_config(info.config, cfg.options, f"--method {cfg.method}")
     auto = cfg.bits.strip().lower() == "auto"
     if auto and cfg.auto_bits is None:
         raise QexportError("--bits auto needs a budget: --weight-bits-avg 4.5, --size-kb 100 or --act-bits-avg 6")
@@ -145,6 +132,8 @@ def calibrate(cfg: CalibrateConfig) -> Path:
             data, labels = load_tensor(folder, num_samples=cfg.num_samples, seed=cfg.seed,
                                        progress=lambda done, total: bar.update(completed=done))
         data_fp = folder.fingerprint()
+    if hasattr(method_cfg, "check_plan"):  # options that depend on the plan (e.g. md's levels vs the widths)
+        method_cfg.check_plan(plan)
     allocation = None
     if auto:
         from qexport.mixed.allocate import allocate_for_run
@@ -152,8 +141,6 @@ def calibrate(cfg: CalibrateConfig) -> Path:
         bits, allocation = allocate_for_run(cfg.auto_bits, cfg.model, folded, cfg.target, data, cfg.seed,
                                             cfg.keep_float, cfg.quiet)
         plan = build_plan(folded, cfg.target, bits, tuple(cfg.keep_float))
-    if hasattr(method_cfg, "check_plan"):  # options that depend on the plan (e.g. md's levels vs the widths)
-        method_cfg.check_plan(plan)
     sim = QuantSim(folded, plan)
     work = work_dir_for(Path(cfg.output))
     if cfg.resume and not work.is_dir():
@@ -169,18 +156,24 @@ def calibrate(cfg: CalibrateConfig) -> Path:
         ctx = CalibrationContext(sim=sim, folded=folded, model=loaded, data=data, labels=labels, seed=cfg.seed,
                                  device=device, quiet=cfg.quiet, artifact_dir=tmp, work_dir=work, resume=cfg.resume,
                                  data_dir=Path(cfg.data) if info.needs_labels else None, extras=dict(cfg.extras))
-        metrics = info.fn(ctx, method_cfg) or {}
+        try:
+            metrics = info.fn(ctx, method_cfg) or {}
+        except QexportError:
+            if writer and work.is_dir() and not any(work.iterdir()):  # refused before any checkpoint: leave nothing
+                shutil.rmtree(work, ignore_errors=True)
+            raise
         sim = ctx.sim.cpu().eval()
         metrics["calibration_seconds"] = round(time.time() - started, 2)
         if allocation is not None:
             metrics["mixed_precision"] = allocation
         ref = ModelRef(cfg.model, tuple(loaded.input_shape), loaded.preprocess.to_dict(), loaded.num_classes,
                        str(cfg.weights) if cfg.weights else None, loaded.weights_sha256)
-        provenance = {"method": cfg.method, "options": _jsonable(vars(method_cfg)), "seed": cfg.seed,
+        provenance = {"method": cfg.method, "config": config_record(method_cfg), "seed": cfg.seed,
                       "bits": bits.label, "target": cfg.target, "device": device,
                       "data": str(cfg.data) if data is not None or info.needs_labels else None,
                       "data_fingerprint": data_fp,
-                      "num_samples": int(data.shape[0]) if data is not None else metrics.get("train_images", 0)}
+                      "num_samples": int(data.shape[0]) if data is not None else metrics.get("train_images", 0),
+                      "invocation": _invocation(cfg)}
         recipe = QuantRecipe.from_quantsim(sim, folded, ref, provenance, metrics)
         if writer:
             recipe.write_files(tmp)
@@ -196,8 +189,81 @@ def _scratch_dir() -> Iterator[Path]:
         yield Path(d)
 
 
-def _jsonable(d: dict) -> dict:
+_REPLAYED = ("model", "method", "bits", "target", "weights", "data", "num_samples", "seed", "first_last_bits",
+             "keep_float", "input_size", "mean", "std")
+
+
+def _invocation(cfg: CalibrateConfig) -> dict:
+    """The settings ``--replay`` needs to rerun this calibration (method options live in ``config``)."""
     out = {}
-    for k, v in d.items():
-        out[k] = v if isinstance(v, (int, float, str, bool, type(None), list, dict)) else str(v)
+    for name in _REPLAYED:
+        v = getattr(cfg, name)
+        out[name] = list(v) if isinstance(v, tuple) else v
     return out
+
+
+def _read_provenance(recipe_dir: Path) -> dict:
+    import json
+
+    meta_path = Path(recipe_dir) / "recipe.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as e:
+        raise QexportError(f"--replay {recipe_dir}: cannot read {meta_path} ({e}); pass a recipe folder") from None
+    prov = meta.get("provenance") if isinstance(meta, dict) else None
+    if not isinstance(prov, dict) or not isinstance(prov.get("invocation"), dict) or "config" not in prov:
+        raise QexportError(f"--replay {recipe_dir}: the recipe does not record how it was made (written by an "
+                           "older qexport); calibrate it again without --replay")
+    return prov
+
+
+def recipe_method(recipe_dir: Path) -> str | None:
+    """The method a recipe was calibrated with (None when the folder cannot tell).
+
+    Args:
+        recipe_dir: the recipe folder.
+
+    Returns:
+        The method name or None.
+    """
+    try:
+        method = _read_provenance(recipe_dir)["invocation"].get("method")
+    except QexportError:
+        return None
+    return method if isinstance(method, str) else None
+
+
+def replay_config(recipe_dir: Path, output: Path, *, force: bool = False, quiet: bool = False,
+                  device: str = "auto", resume: bool = False) -> CalibrateConfig:
+    """The CalibrateConfig that reruns a recipe's calibration: same model, method, options, bits, plan, seed, data.
+
+    Args:
+        recipe_dir: the recipe folder to replay.
+        output: the new recipe folder.
+        force: overwrite ``output``.
+        quiet: no progress bars.
+        device: where to run.
+        resume: continue an interrupted replay.
+
+    Returns:
+        The config (its options are the recipe's typed method config, tuples restored).
+    """
+    from qexport.calibrators import get_calibrator
+    from qexport.options import config_from_record
+
+    prov = _read_provenance(recipe_dir)
+    inv = prov["invocation"]
+    missing = [k for k in _REPLAYED if k not in inv]
+    if missing:
+        raise QexportError(f"--replay {recipe_dir}: provenance.invocation lacks {', '.join(missing)}; recalibrate")
+    if not isinstance(inv["method"], str):
+        raise QexportError(f"--replay {recipe_dir}: provenance.invocation.method must be a method name")
+    info = get_calibrator(inv["method"])
+    method_cfg = config_from_record(prov["config"], info.config, f"--replay {recipe_dir} (--method {info.name})")
+    values = {f.name: getattr(method_cfg, f.name) for f in dataclasses.fields(method_cfg)}
+    kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in inv.items() if k in _REPLAYED}
+    try:
+        return CalibrateConfig(output=Path(output), force=force, quiet=quiet, device=device, resume=resume,
+                               options=values, **kw)
+    except TypeError as e:
+        raise QexportError(f"--replay {recipe_dir}: provenance.invocation is malformed ({e})") from None

@@ -13,7 +13,7 @@ from qexport import shared
 from qexport.calibrators.adasg import (
     CHECKPOINT,
     AdaSGConfig,
-    AdaSGTrainer,
+    AdaSGTask,
     Generator,
     bound_loss,
     entropy,
@@ -26,6 +26,7 @@ from qexport.calibrators.adasg import (
 )
 from qexport.errors import QexportError
 from qexport.calibrate import CalibrateConfig, calibrate, work_dir_for
+from qexport.training import Callbacks
 
 SKIP = "shared folder with the CIFAR-10 ResNet-20 checkpoint / test-dev images not found (set QEXPORT_SHARED)"
 TINY = "qexport.zoo.digits:digits_net"  # 1x16x16, 10 classes, BN layers; random weights are enough here
@@ -176,15 +177,22 @@ def test_same_seed_same_recipe(tiny_full, tmp_path):
     assert _same(load_file(str(tiny_full / "generator.safetensors")), load_file(str(b / "generator.safetensors")))
 
 
-def test_integer_weights(tiny_full):
-    t = _tensors(tiny_full)
-    ints = [k for k in t if t[k].dtype == torch.int8]
-    assert ints, list(t)[:10]
+def test_integer_weights_on_the_plans_grids(tiny_full):
+    """Every layer's integer weights lie on its plan grid (4 bits here), and the grid is used, not just one level."""
+    from qexport.recipe import QuantRecipe
+
+    recipe = QuantRecipe.load(tiny_full)
+    assert recipe.int_weights.keys() == {lp.name for lp in recipe.plan.layers}
+    for lp in recipe.plan.layers:
+        q = recipe.int_weights[lp.name]
+        assert lp.weight.bits == 4 and q.dtype == torch.int8, lp
+        assert lp.weight.qmin <= int(q.min()) and int(q.max()) <= lp.weight.qmax, lp.name
+        assert len(torch.unique(q)) > 2, lp.name
 
 
 def _interrupt_after(monkeypatch, n):
     """Deliver a real SIGINT (Ctrl-C) during the n-th iteration."""
-    orig = AdaSGTrainer.iteration
+    orig = AdaSGTask.iteration
     calls = {"n": 0}
 
     def it(self, warm):
@@ -193,7 +201,7 @@ def _interrupt_after(monkeypatch, n):
             signal.raise_signal(signal.SIGINT)
         return orig(self, warm)
 
-    monkeypatch.setattr(AdaSGTrainer, "iteration", it)
+    monkeypatch.setattr(AdaSGTask, "iteration", it)
 
 
 def test_interrupt_checkpoint_resume_equals_uninterrupted(tiny_full, tmp_path, monkeypatch):
@@ -223,7 +231,7 @@ def test_resume_without_checkpoint_is_refused(tmp_path):
 @pytest.mark.parametrize("act_init", ["ema", "mse"])
 def test_activation_init_at_the_end_of_warmup(tmp_path, act_init):
     """``ema`` (the paper): the warm-up observes each activation's min/max and the frozen scale covers that range;
-    ``mse`` (default): nothing is observed during warm-up. The ``adasg_on_start`` hook sees the frozen student."""
+    ``mse`` (default): nothing is observed during warm-up. The ``on_warmup_end`` callback sees the frozen student."""
     from qexport.calibrators.base import CalibrationContext
     from qexport.models import fold_batchnorm, load_model
     from qexport.quant.plan import build_plan
@@ -240,8 +248,8 @@ def test_activation_init_at_the_end_of_warmup(tmp_path, act_init):
                     ranges={n: (r.min, r.max) for n, r in tr.ema.items()})
 
     ctx = CalibrationContext(sim=sim, folded=folded, model=m, data=None, labels=None, seed=0, quiet=True,
-                             work_dir=tmp_path / "work", extras={"adasg_on_start": on_start})
-    AdaSGTrainer(ctx, AdaSGConfig(epochs=2, iters_per_epoch=3, warmup_epochs=1, batch_size=8,
+                             work_dir=tmp_path / "work", callbacks=Callbacks(on_warmup_end=on_start))
+    AdaSGTask(ctx, AdaSGConfig(epochs=2, iters_per_epoch=3, warmup_epochs=1, batch_size=8,
                                   act_init=act_init)).run()
     assert seen["frozen"]
     shared_points = {ap.name for ap in sim.plan.activations if ap.share_scale_with}
@@ -264,14 +272,18 @@ def test_gdfq_loss_runs(tmp_path):
 
 
 def test_cli_options_reach_the_config(tmp_path):
+    import json
+
     from typer.testing import CliRunner
 
     from qexport.cli import app
 
     res = CliRunner().invoke(app, ["calibrate", TINY, "--method", "adasg", "--bits", "w4a4", "--epochs", "2",
-                                   "--iters-per-epoch", "2", "--batch-size", "4", "--loss", "adasg", "--quiet",
+                                   "--iters-per-epoch", "2", "--batch-size", "4", "--loss", "gdfq", "--quiet",
                                    "--device", "cpu", "-o", str(tmp_path / "cli")])
     assert res.exit_code == 0, res.output
+    options = json.loads((tmp_path / "cli" / "recipe.json").read_text())["provenance"]["config"]["values"]
+    assert (options["epochs"], options["iters_per_epoch"], options["batch_size"], options["loss"]) == (2, 2, 4, "gdfq")
     res = CliRunner().invoke(app, ["calibrate", TINY, "--method", "adasg", "--time-budget", "soon", "--quiet",
                                    "-o", str(tmp_path / "cli2")])
     assert res.exit_code != 0
@@ -318,8 +330,8 @@ def _smoke(r20_eval, tmp_path, **opts):
         start["top1"], start["gap"] = _top1(tr.sim, x, y), _gap(folded, tr.sim, x)
 
     ctx = CalibrationContext(sim=sim, folded=folded, model=m, data=None, labels=None, seed=0, quiet=True,
-                             work_dir=tmp_path / "work", extras={"adasg_on_start": on_start})
-    metrics = AdaSGTrainer(ctx, AdaSGConfig(**opts)).run()
+                             work_dir=tmp_path / "work", callbacks=Callbacks(on_warmup_end=on_start))
+    metrics = AdaSGTask(ctx, AdaSGConfig(**opts)).run()
     from qexport.quant.fake_quant import channel_view
 
     for layer in ctx.sim.layers().values():  # snapped: the weights are exactly integer levels times the scales

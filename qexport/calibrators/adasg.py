@@ -29,8 +29,6 @@ continues it, and with the same seed gives the same result as an uninterrupted r
 from __future__ import annotations
 
 import json
-import os
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -62,10 +60,10 @@ from qexport.calibrators.base import (
     set_weight_scales,
 )
 from qexport.errors import QexportError
-from qexport.interrupt import GracefulInterrupt
-from qexport.progress import progress_bar
+from qexport.training import distributed as D
+from qexport.training.loop import LoopConfig, StepInfo, TrainLoop
 
-__all__ = ["AdaSGConfig", "AdaSGTrainer", "CHECKPOINT", "Generator", "bound_loss", "calibrate_adasg", "entropy",
+__all__ = ["AdaSGConfig", "AdaSGTask", "CHECKPOINT", "Generator", "bound_loss", "calibrate_adasg", "entropy",
            "kd_loss", "loss_as", "loss_ds", "normalized_entropy", "parse_duration", "student_loss"]
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -81,21 +79,20 @@ def _class_names(ctx: CalibrationContext, n: int) -> list[str]:
     return [f"class_{i:0{width}d}" for i in range(n)]
 
 
-def _save_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+# generator seed of rank r: seed + 1 + r * stride (rank 0 keeps the single-process stream)
+_RANK_SEED_STRIDE = 1_000_003
 
 
-def _milestone_epochs(cfg: AdaSGConfig, epochs: int) -> list[int]:
-    return sorted({max(1, round(f * epochs)) for f in cfg.milestone_fractions})
+class AdaSGTask:
+    """The game as a task of the shared training loop (``qexport.training.loop``): one instance per run.
 
-
-class AdaSGTrainer:
-    """The game loop; one instance per calibration run (see the module docstring)."""
+    With several processes (torchrun) each rank draws its share of the batch (``--batch-size`` is the global batch)
+    from its own generator (seed offset by rank), and the G and Q gradients are averaged over the ranks before
+    each optimizer step, so every rank holds the same players.
+    """
 
     def __init__(self, ctx: CalibrationContext, cfg: AdaSGConfig):
-        self.ctx, self.cfg = ctx, cfg
+        self.ctx, self.cfg, self.dist = ctx, cfg, ctx.dist
         self.device = torch.device(ctx.device)
         loaded = ctx.model
         self.num_classes = int(loaded.num_classes or 0)
@@ -108,55 +105,59 @@ class AdaSGTrainer:
         if not any(isinstance(m, nn.BatchNorm2d) for m in self.teacher.modules()) and cfg.gamma > 0:
             raise QexportError("--method adasg needs a teacher with BatchNorm layers (BN-statistics loss); "
                                "this model has none")
+        lo, hi = self.dist.share(cfg.batch_size)
+        self.local_batch = hi - lo
+        if self.local_batch < 2:
+            raise QexportError(f"--batch-size {cfg.batch_size} over {self.dist.world_size} processes leaves fewer "
+                               "than 2 samples per process (batch statistics); raise --batch-size or use fewer")
         self.sim = ctx.sim.to(self.device).eval()
-        self.epochs, self.ipe, self.lr_q = cfg.resolved()
-        self.budget = cfg.budget_seconds
         torch.manual_seed(ctx.seed)
         self.G = Generator(self.num_classes, c, (h, w), cfg.latent_dim).to(self.device)
-        self.gen = torch.Generator(device="cpu").manual_seed(ctx.seed + 1)
+        self.gen = torch.Generator(device="cpu").manual_seed(ctx.seed + 1 + _RANK_SEED_STRIDE * self.dist.rank)
         self.q_params = [p for layer in self.sim.layers().values() for p in (layer.weight, layer.bias) if p is not None]
         for p in self.sim.parameters():
             p.requires_grad_(False)
         for p in self.q_params:
             p.requires_grad_(True)
         self.opt_g = torch.optim.Adam(self.G.parameters(), lr=cfg.lr_g, betas=(0.5, 0.999))
-        self.opt_q = torch.optim.SGD(self.q_params, lr=self.lr_q, momentum=cfg.momentum, nesterov=True,
+        self.opt_q = torch.optim.SGD(self.q_params, lr=cfg.resolved()[2], momentum=cfg.momentum, nesterov=True,
                                      weight_decay=cfg.weight_decay)
         self.bns = BNStatsHook(self.teacher)
         self.ema = {name: EMARange(cfg.act_momentum) for name in self.sim.act_quantizers()}
-        self.epoch, self.it, self.elapsed = 0, 0, 0.0
-        self.history: list[dict] = []
         self.acts_frozen = False
-        self.epoch_acc: dict[str, float] = {}
         self.r_prev: float | None = None
+        self.loop: TrainLoop | None = None
 
-    # ------------------------------------------------------------------------------------------------ state
-    def state(self) -> dict:
-        return {"version": 1, "G": self.G.state_dict(), "sim": self.sim.state_dict(), "opt_g": self.opt_g.state_dict(),
-                "opt_q": self.opt_q.state_dict(), "epoch": self.epoch, "it": self.it, "epochs": self.epochs,
-                "elapsed": self.elapsed, "history": self.history, "acts_frozen": self.acts_frozen,
-                "ema": {k: (v.min, v.max) for k, v in self.ema.items()}, "gen": self.gen.get_state(),
-                "epoch_acc": self.epoch_acc, "r_prev": self.r_prev, "config": asdict(self.cfg), "seed": self.ctx.seed}
+    # ------------------------------------------------------------------------------------- loop interface
+    def models(self) -> dict[str, nn.Module]:
+        return {"generator": self.G, "student": self.sim}
 
-    def load(self, st: dict) -> None:
-        if st.get("seed") != self.ctx.seed or st.get("config") != asdict(self.cfg):
-            raise QexportError("--resume: the checkpoint was written with other options or another seed; "
-                               "rerun with the same ones (or without --resume)")
+    def state_dict(self) -> dict:
+        return {"G": self.G.state_dict(), "sim": self.sim.state_dict(), "opt_g": self.opt_g.state_dict(),
+                "opt_q": self.opt_q.state_dict(), "acts_frozen": self.acts_frozen,
+                "ema": {k: (v.min, v.max) for k, v in self.ema.items()}}
+
+    def load_state_dict(self, st: dict) -> None:
         self.G.load_state_dict(st["G"])
         self.sim.load_state_dict(st["sim"])
         self.opt_g.load_state_dict(st["opt_g"])
         self.opt_q.load_state_dict(st["opt_q"])
-        self.epoch, self.it, self.epochs = st["epoch"], st["it"], st["epochs"]
-        self.elapsed, self.history, self.acts_frozen = st["elapsed"], st["history"], st["acts_frozen"]
+        self.acts_frozen = st["acts_frozen"]
         for k, (lo, hi) in st["ema"].items():
             self.ema[k].min, self.ema[k].max = lo, hi
-        self.gen.set_state(st["gen"])
-        self.epoch_acc, self.r_prev = st["epoch_acc"], st["r_prev"]
 
-    def save_checkpoint(self) -> None:
-        if self.ctx.work_dir is not None:
-            Path(self.ctx.work_dir).mkdir(parents=True, exist_ok=True)
-            _save_atomic(self.state(), Path(self.ctx.work_dir) / CHECKPOINT)
+    def rank_state_dict(self) -> dict:
+        return {"gen": self.gen.get_state(), "r_prev": self.r_prev}
+
+    def load_rank_state_dict(self, st: dict) -> None:
+        self.gen.set_state(st["gen"])
+        self.r_prev = st["r_prev"]
+
+    def end_warmup(self) -> None:
+        self.freeze_activation_ranges()
+
+    def step(self, info: StepInfo) -> dict[str, float]:
+        return self.iteration(info.warmup)
 
     # ------------------------------------------------------------------------------------------------- pieces
     def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,20 +165,15 @@ class AdaSGTrainer:
         y = torch.randint(0, self.num_classes, (n,), generator=self.gen).to(self.device)
         return z, y
 
-    def lr_for_epoch(self, epoch: int) -> float:
-        """Student lr at ``epoch`` (0-based): decayed at the scaled milestones of the planned length."""
-        if self.epochs is None:
-            return self.lr_q
-        k = sum(1 for m in _milestone_epochs(self.cfg, self.epochs) if epoch >= m)
-        return self.lr_q * self.cfg.gamma_lr**k
-
     def disagreement_r(self, z_p: torch.Tensor, z_q: torch.Tensor) -> tuple[float, float]:
         """(R = mean(1 - H'(p_ds)), mean H(p_ds)) of a batch."""
         h = entropy(z_p - z_q)
         return float((1 - normalized_entropy(h, self.num_classes)).mean()), float(h.mean())
 
     def freeze_activation_ranges(self) -> None:
-        """End of warm-up: set activation scales (EMA min/max, or a search on synthetic samples) and freeze them."""
+        """End of warm-up: set activation scales (EMA min/max, or a search on synthetic samples) and freeze them.
+
+        With several processes each rank computes its own; the loop then copies rank 0's to every rank."""
         aqs = self.sim.act_quantizers()
         if self.cfg.act_init == "ema":
             for name, aq in aqs.items():
@@ -196,9 +192,6 @@ class AdaSGTrainer:
             calibrate_activations(self.sim, torch.cat(xs)[:n], self.cfg.act_init, quiet=True, seed=self.ctx.seed,
                                   device=str(self.device), batch_size=64)
         self.acts_frozen = True
-        on_start = self.ctx.extras.get("adasg_on_start")  # benchmarks and tests: measure the starting student
-        if on_start is not None:
-            on_start(self)
 
     def _student(self, x: torch.Tensor, warm: bool, observe: bool = True) -> torch.Tensor:
         """Q(x); during warm-up with float activations, and (``act_init="ema"`` only) their min/max observed."""
@@ -214,14 +207,26 @@ class AdaSGTrainer:
                 for aq in self.sim.act_quantizers().values():
                     aq.observer = None
 
+    def _generator_loss(self, z_p, z_q, y, hn, l_bns) -> tuple[torch.Tensor, dict]:
+        cfg = self.cfg
+        if cfg.loss == "adasg":
+            l_ds, l_as = loss_ds(z_p, z_q, y), loss_as(z_p, z_q, y)
+            l_b = bound_loss(hn, cfg.lambda_l, cfg.lambda_u)
+            l_g = cfg.alpha * (l_ds + l_as) + cfg.beta * l_b + cfg.gamma * l_bns
+            return l_g, {"ds": l_ds.item(), "as": l_as.item(), "b": l_b.item()}
+        l_ce = F.cross_entropy(z_p, y)
+        return l_ce + 0.1 * l_bns, {"ce": l_ce.item()}
+
     def iteration(self, warm: bool) -> dict[str, float]:
         """One game step: G update (maximisation), then Q update (minimisation) on the same, detached samples.
 
         One forward of each network serves both updates: the G gradients and the Q gradients are taken separately
         (``torch.autograd.grad``), so Q's step uses x as G made it before its update, exactly as with x detached.
+        With several processes both sets of gradients are averaged over the ranks (what DDP does after
+        ``backward()``, which this two-player step does not call).
         """
         cfg, C = self.cfg, self.num_classes
-        z, y = self.sample(cfg.batch_size)
+        z, y = self.sample(self.local_batch)
         self.G.train()
         x = self.G(z, y)
         self.bns.clear()
@@ -231,15 +236,7 @@ class AdaSGTrainer:
         h = entropy(z_p - z_q)
         hn = normalized_entropy(h, C)
         r_now = float((1 - hn.detach()).mean())
-        if cfg.loss == "adasg":
-            l_ds, l_as = loss_ds(z_p, z_q, y), loss_as(z_p, z_q, y)
-            l_b = bound_loss(hn, cfg.lambda_l, cfg.lambda_u)
-            l_g = cfg.alpha * (l_ds + l_as) + cfg.beta * l_b + cfg.gamma * l_bns
-            parts = {"ds": l_ds.item(), "as": l_as.item(), "b": l_b.item()}
-        else:
-            l_ce = F.cross_entropy(z_p, y)
-            l_g = l_ce + 0.1 * l_bns
-            parts = {"ce": l_ce.item()}
+        l_g, parts = self._generator_loss(z_p, z_q, y, hn, l_bns)
         g_params = [p for p in self.G.parameters()]
         l_q_val = 0.0
         if warm:
@@ -249,110 +246,49 @@ class AdaSGTrainer:
             zpd = z_p.detach()
             l_q = student_loss(zpd, z_q, cfg.tau) if cfg.loss == "adasg" else kd_loss(zpd, z_q, cfg.tau)
             grads_q = torch.autograd.grad(l_q, self.q_params)
+            D.average_(self.dist, grads_q)
             for p, g in zip(self.q_params, grads_q):
                 p.grad = g
             self.opt_q.step()
             l_q_val = l_q.item()
+        D.average_(self.dist, grads_g)
         for p, g in zip(g_params, grads_g):
             p.grad = g
         self.opt_g.step()
-        # balance gap: BG = R(after the iteration) - R(before); R after this iteration is measured on the next
-        # iteration's batch (no extra forward); cfg.bg_exact re-evaluates the same z, y with the updated players.
-        if cfg.bg_exact:
-            with torch.no_grad():
-                self.bns.active = False
-                try:
-                    x2 = generate_no_stats(self.G, z, y)
-                    r_after, _ = self.disagreement_r(self.teacher(x2), self._student(x2, warm, observe=False))
-                finally:
-                    self.bns.active = True
-            bg = r_after - r_now
-        else:
-            bg = r_now - self.r_prev if self.r_prev is not None else 0.0
+        bg = self._balance_gap(z, y, warm, r_now)
         self.r_prev = r_now
         agree = float((z_p.argmax(1) == z_q.argmax(1)).float().mean())
         return {"L_G": l_g.item(), "L_Q": l_q_val, "BNS": l_bns.item(), "BG": bg,
                 "H": h.mean().item(), "R": r_now, "agree": agree, **parts}
 
-    # -------------------------------------------------------------------------------------------------- run
-    def plan_epochs(self, epoch_seconds: float) -> None:
-        """With a time budget and no --epochs: fix the epoch count from the measured epoch time."""
-        left = self.budget - self.elapsed
-        self.epochs = max(self.epoch + 1, self.epoch + int(left // max(epoch_seconds, 1e-6)))
+    def _balance_gap(self, z: torch.Tensor, y: torch.Tensor, warm: bool, r_now: float) -> float:
+        """BG = R(after the iteration) - R(before). By default R after iteration t is measured on iteration t+1's
+        batch (no extra forward); ``bg_exact`` re-evaluates the same z, y with the updated players."""
+        if not self.cfg.bg_exact:
+            return r_now - self.r_prev if self.r_prev is not None else 0.0
+        with torch.no_grad():
+            self.bns.active = False
+            try:
+                x2 = generate_no_stats(self.G, z, y)
+                r_after, _ = self.disagreement_r(self.teacher(x2), self._student(x2, warm, observe=False))
+            finally:
+                self.bns.active = True
+        return r_after - r_now
 
+    # -------------------------------------------------------------------------------------------------- run
     def run(self) -> dict:
-        cfg = self.cfg
-        ckpt = Path(self.ctx.work_dir) / CHECKPOINT if self.ctx.work_dir is not None else None
-        if self.ctx.resume and ckpt is not None and ckpt.is_file():
-            self.load(torch.load(ckpt, map_location=self.device, weights_only=False))
-        elif self.ctx.resume:
-            raise QexportError(f"--resume: no AdaSG checkpoint in {self.ctx.work_dir}")
-        else:
+        """Train on the shared loop (resume, budget, checkpoints, Ctrl-C), then snap and write the artifacts."""
+        cfg, ctx = self.cfg, self.ctx
+        epochs, ipe, _ = cfg.resolved()
+        if not ctx.resume:
             set_weight_scales(self.sim, cfg.weight_init)
-            if cfg.warmup == 0:
-                self.freeze_activation_ranges()
-        interrupt_after = self.ctx.extras.get("adasg_interrupt_after")  # tests: simulate Ctrl-C after N iterations
-        with GracefulInterrupt() as intr, progress_bar((self.epochs or 1) * self.ipe, f"adasg ({cfg.loss})",
-                                                self.ctx.quiet) as bar:
-            bar.advance(self.epoch * self.ipe + self.it)
-            done_iters = 0
-            while self.epochs is None or self.epoch < self.epochs:
-                warm = self.epoch < cfg.warmup
-                for g in self.opt_q.param_groups:
-                    g["lr"] = self.lr_for_epoch(self.epoch)
-                t0 = time.time()
-                while self.it < self.ipe:
-                    stats = self.iteration(warm)
-                    self.it += 1
-                    done_iters += 1
-                    for k, v in stats.items():
-                        self.epoch_acc[k] = self.epoch_acc.get(k, 0.0) + v
-                    self.epoch_acc["n"] = self.epoch_acc.get("n", 0.0) + 1
-                    self.elapsed += time.time() - t0
-                    t0 = time.time()
-                    tot = f"/{self.epochs}" if self.epochs is not None else ""
-                    bar.advance(1, info=(f"ep {self.epoch + 1}{tot}{' warm-up' if warm else ''} L_G {stats['L_G']:.3f} "
-                                         f"L_Q {stats['L_Q']:.4f} BG {stats['BG']:+.3f} H {stats['H']:.3f}"))
-                    if interrupt_after is not None and done_iters >= interrupt_after:
-                        intr.flag = True
-                    if intr.flag:
-                        self.save_checkpoint()
-                        raise KeyboardInterrupt
-                    if self.budget is not None and self.elapsed >= self.budget and not warm:
-                        break
-                n = max(self.epoch_acc.pop("n", 1.0), 1.0)
-                row = {"epoch": self.epoch + 1, "warmup": warm, "lr_q": self.opt_q.param_groups[0]["lr"],
-                       **{k: round(v / n, 5) for k, v in self.epoch_acc.items()}, "iters": int(n),
-                       "seconds": round(self.elapsed, 1)}
-                self.history.append(row)
-                on_epoch = self.ctx.extras.get("adasg_on_epoch")  # benchmarks: e.g. a top-1 curve (never selects)
-                if on_epoch is not None:
-                    on_epoch(self, row)
-                if not self.ctx.quiet:
-                    bar_print(row)
-                self.epoch_acc = {}
-                self.epoch += 1
-                self.it = 0
-                if warm and self.epoch == cfg.warmup:
-                    self.freeze_activation_ranges()
-                first_game = self.epoch == cfg.warmup + 1
-                before_decay = self.epochs is not None and self.epoch < 0.5 * self.epochs
-                if self.budget is not None and cfg.epochs is None and (first_game or (self.epoch > cfg.warmup
-                                                                                      and before_decay)):
-                    # Re-plan from the mean game-epoch time until the first lr decay: a speed measured once can
-                    # be far off on a shared machine (a run planned under load used 4 of its 22 minutes).
-                    game = self.history[cfg.warmup:] if cfg.warmup < len(self.history) else self.history[-1:]
-                    start = self.history[cfg.warmup - 1]["seconds"] if 0 < cfg.warmup < len(self.history) else 0.0
-                    self.plan_epochs((self.history[-1]["seconds"] - start) / max(len(game), 1))
-                    bar.update(total=self.epochs * self.ipe)
-                elif self.epochs is None:
-                    bar.update(total=(self.epoch + 1) * self.ipe)
-                out_of_time = self.budget is not None and self.elapsed >= self.budget and self.epoch > cfg.warmup
-                self.save_checkpoint()
-                if out_of_time:
-                    break
-            if not self.acts_frozen:
-                self.freeze_activation_ranges()
+        loop_cfg = LoopConfig(name="adasg", iters_per_epoch=ipe, epochs=epochs, time_budget=cfg.budget_seconds,
+                              warmup_epochs=cfg.warmup, milestones=cfg.milestone_fractions, gamma=cfg.gamma_lr,
+                              show=("L_G", "L_Q", "BG", "H"))
+        self.loop = TrainLoop(self, loop_cfg, work_dir=ctx.work_dir, resume=ctx.resume, quiet=ctx.quiet,
+                              callbacks=ctx.callbacks, scheduled={"lr_q": self.opt_q},
+                              identity={"config": asdict(cfg), "seed": ctx.seed}, dist=self.dist)
+        self.loop.run()
         return self.finish()
 
     def finish(self) -> dict:
@@ -362,11 +298,15 @@ class AdaSGTrainer:
             p.requires_grad_(False)
         self.sim.snap_weights()
         ctx.sim = self.sim
-        metrics = {"loss": cfg.loss, "epochs_run": self.epoch, "iters_per_epoch": self.ipe,
-                   "iterations": sum(r.get("iters", self.ipe) for r in self.history), "train_seconds": round(self.elapsed, 1),
-                   "lr_q": self.lr_q, "weights": cfg.weight_init, "activations": f"{cfg.act_init} (synthetic)"}
-        if self.history:
-            last = self.history[-1]
+        loop = self.loop
+        _, ipe, lr_q = cfg.resolved()
+        metrics = {"loss": cfg.loss, "epochs_run": loop.epoch, "iters_per_epoch": ipe,
+                   "iterations": sum(r.get("iters", ipe) for r in loop.history), "train_seconds": round(loop.elapsed, 1),
+                   "lr_q": lr_q, "weights": cfg.weight_init, "activations": f"{cfg.act_init} (synthetic)"}
+        if self.dist.world_size > 1:
+            metrics["processes"] = self.dist.world_size
+        if loop.history:
+            last = loop.history[-1]
             metrics.update({f"final_{k}": last[k] for k in ("L_G", "L_Q", "BG", "H", "agree") if k in last})
         if ctx.artifact_dir is not None:
             self.write_artifacts(Path(ctx.artifact_dir))
@@ -380,7 +320,7 @@ class AdaSGTrainer:
         save_file({k: v.detach().contiguous() for k, v in G.state_dict().items()}, str(out / "generator.safetensors"),
                   metadata={"num_classes": str(self.num_classes), "latent_dim": str(cfg.latent_dim),
                             "size": json.dumps(list(G.size)), "channels": str(G.out.out_channels)})
-        (out / "adasg_history.json").write_text(json.dumps({"config": _jsonable(asdict(cfg)), "history": self.history},
+        (out / "adasg_history.json").write_text(json.dumps({"config": _jsonable(asdict(cfg)), "history": self.loop.history},
                                                            indent=1))
         classes = _class_names(self.ctx, self.num_classes)
         gen = torch.Generator().manual_seed(self.ctx.seed + 7)
@@ -397,15 +337,6 @@ class AdaSGTrainer:
                 x = generate_batches(G, y, cfg.latent_dim, gen)
             save_image_folder(x, y, classes, self.ctx.model.preprocess, out / "synthetic")
         G.to(self.device)
-
-
-def bar_print(row: dict) -> None:
-    import sys
-
-    keys = ("L_G", "L_Q", "BNS", "BG", "H", "agree")
-    sys.stderr.write(f"epoch {row['epoch']}{' (warm-up)' if row['warmup'] else ''}: "
-                     + " ".join(f"{k} {row[k]:.4f}" for k in keys if k in row)
-                     + f" lr_q {row['lr_q']:.1e} t {row['seconds']:.0f}s\n")
 
 
 def _jsonable(d: dict) -> dict:
@@ -426,4 +357,4 @@ def calibrate_adasg(ctx: CalibrationContext, cfg: AdaSGConfig) -> dict:
     """
     if ctx.data is not None:
         raise QexportError("--method adasg is data-free and takes no calibration images")
-    return AdaSGTrainer(ctx, cfg).run()
+    return AdaSGTask(ctx, cfg).run()

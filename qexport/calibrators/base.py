@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -14,6 +13,8 @@ from qexport.errors import QexportError
 from qexport.progress import progress_bar
 from qexport.quant.fake_quant import channel_view, fake_quant
 from qexport.quant.quantsim import QuantSim
+from qexport.training.distributed import SINGLE, DistInfo
+from qexport.training.loop import Callbacks
 
 # Activation clipping percentile of the ``percentile`` calibrator, chosen on held-out training images
 # (bench/percentile_heldout.py; figures in bench/README.md).
@@ -36,6 +37,10 @@ class CalibrationContext:
         artifact_dir: the recipe folder being written (temporary until the run succeeds): extra artifacts go here.
         work_dir: a persistent folder for checkpoints that survive an interrupted run (resume).
         resume: continue from the checkpoint in work_dir.
+        dist: rank and world size under torchrun (training methods draw their share of the samples and average
+            gradients; only rank 0 gets an artifact_dir).
+        callbacks: named hooks of the training loop (benchmarks and tests; ``qexport.training.Callbacks``).
+        extras: test/bench hooks of the QAT trainer (to move onto ``callbacks``).
         data_dir: the labelled training folder of QAT methods (``needs_labels``), which read it themselves.
     """
 
@@ -50,12 +55,14 @@ class CalibrationContext:
     artifact_dir: Path | None = None
     work_dir: Path | None = None
     resume: bool = False
-    extras: dict = field(default_factory=dict)
+    dist: DistInfo = SINGLE
+    callbacks: Callbacks = field(default_factory=Callbacks)
     data_dir: Path | None = None
+    extras: dict = field(default_factory=dict)
 
 
 def config_from_options(config_cls: type, options: dict, method: str):
-    """Build a method's frozen config from CLI options, rejecting options the method does not take.
+    """Build a method's frozen config from option values, rejecting options the method does not take.
 
     Args:
         config_cls: the dataclass.
@@ -65,13 +72,9 @@ def config_from_options(config_cls: type, options: dict, method: str):
     Returns:
         The config instance.
     """
-    names = {f.name for f in dataclasses.fields(config_cls)}
-    given = {k: v for k, v in options.items() if v is not None}
-    bad = sorted(k for k in given if k not in names)
-    if bad:
-        flags = ", ".join("--" + k.replace("_", "-") for k in bad)
-        raise QexportError(f"{flags} does not apply to --method {method}; see `qexport calibrate --help`")
-    return config_cls(**given)
+    from qexport.options import build_config
+
+    return build_config(config_cls, {k: v for k, v in options.items() if v is not None}, f"--method {method}")
 
 
 class RangeObserver:
@@ -311,6 +314,8 @@ def calibrate_activations(sim: QuantSim, data: torch.Tensor, mode: str, *, batch
                 aq.observer = None
     for name, aq in sim.act_quantizers().items():
         sp = aq.spec
+        if aq.kind == "erf":  # aligned (AlignQ) points have fixed scales: gain / n out, saturation / 255 in
+            continue
         if mode == "minmax":
             s = act_scale_minmax(obs[name], sp.signed, sp.qmin, sp.qmax)
         elif mode == "percentile":

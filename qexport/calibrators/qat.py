@@ -48,7 +48,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from qexport.calibrators.adasg_config import parse_duration
+from qexport.duration import parse_duration
 from qexport.errors import QexportError
 
 OPTIMIZERS = ("adam", "sgd")

@@ -1,6 +1,6 @@
 """Quantizer specifications and the ``--bits`` grammar (``w4a8``, ``w8a8``, ``w4``, ``w4a32``).
 
-Conventions (see numerics.md): weights symmetric per output channel with zero point 0, narrow range
+Conventions (see ../shared/docs/numerics.md): weights symmetric per output channel with zero point 0, narrow range
 [-127, 127] at 8 bits and full range [-2^(b-1), 2^(b-1)-1] below; activations per tensor, zero point 0,
 unsigned [0, 2^b - 1] where the tensor is provably non-negative, else signed symmetric.
 """
@@ -87,7 +87,7 @@ class QuantSpec:
 
 
 def weight_spec(bits: int) -> QuantSpec:
-    """The weight grid for ``bits``: narrow at 8 bits, full range below (numerics.md).
+    """The weight grid for ``bits``: narrow at 8 bits, full range below (../shared/docs/numerics.md).
 
     Args:
         bits: weight bit width.
