@@ -95,6 +95,7 @@ def calibrate(cfg: CalibrateConfig) -> Path:
     from qexport.quant.plan import build_plan
     from qexport.quant.quantsim import QuantSim
     from qexport.recipe import ModelRef, QuantRecipe
+    from qexport.training.distributed import barrier, init_from_env, shutdown
 
     info = get_calibrator(cfg.method)
     method_cfg = config_from_options(info.config, cfg.options, cfg.method)
@@ -107,6 +108,8 @@ def calibrate(cfg: CalibrateConfig) -> Path:
     if not info.needs_data and cfg.data is not None:
         raise QexportError(f"--method {cfg.method} is data-free and reads no images; drop --data")
     device = resolve_device(cfg.device)
+    dist = init_from_env(device)  # under torchrun: join the group (one GPU per local rank); else rank 0 of 1
+    device, quiet = dist.device, cfg.quiet or not dist.is_main
     torch.manual_seed(cfg.seed)
 
     loaded = load_model(cfg.model, cfg.weights, input_size=cfg.input_size, mean=cfg.mean, std=cfg.std)
@@ -117,7 +120,7 @@ def calibrate(cfg: CalibrateConfig) -> Path:
     if info.needs_data and cfg.data is not None:
         folder = ImageFolder(cfg.data, loaded.preprocess)
         count = min(cfg.num_samples, len(folder))
-        with progress_bar(count, "loading calibration images", cfg.quiet) as bar:
+        with progress_bar(count, "loading calibration images", quiet) as bar:
             data, labels = load_tensor(folder, num_samples=cfg.num_samples, seed=cfg.seed,
                                        progress=lambda done, total: bar.update(completed=done))
         data_fp = folder.fingerprint()
@@ -125,13 +128,19 @@ def calibrate(cfg: CalibrateConfig) -> Path:
     work = work_dir_for(Path(cfg.output))
     if cfg.resume and not work.is_dir():
         raise QexportError(f"--resume: no interrupted run found for {cfg.output} (expected {work})")
-    if not cfg.resume and work.is_dir():
+    if not cfg.resume and work.is_dir() and dist.is_main:
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
+    barrier(dist)
     started = time.time()
+    ctx_args = dict(sim=sim, folded=folded, model=loaded, data=data, labels=labels, seed=cfg.seed, device=device,
+                    quiet=quiet, work_dir=work, resume=cfg.resume, dist=dist)
+    if not dist.is_main:  # the other ranks train alongside rank 0, which alone writes
+        info.fn(CalibrationContext(**ctx_args), method_cfg)
+        shutdown(dist)
+        return Path(cfg.output)
     with atomic_dir(cfg.output, force=cfg.force) as tmp:
-        ctx = CalibrationContext(sim=sim, folded=folded, model=loaded, data=data, labels=labels, seed=cfg.seed,
-                                 device=device, quiet=cfg.quiet, artifact_dir=tmp, work_dir=work, resume=cfg.resume)
+        ctx = CalibrationContext(**ctx_args, artifact_dir=tmp)
         metrics = info.fn(ctx, method_cfg) or {}
         sim = ctx.sim.cpu().eval()
         metrics["calibration_seconds"] = round(time.time() - started, 2)
@@ -144,6 +153,7 @@ def calibrate(cfg: CalibrateConfig) -> Path:
         recipe = QuantRecipe.from_quantsim(sim, folded, ref, provenance, metrics)
         recipe.write_files(tmp)
     shutil.rmtree(work, ignore_errors=True)
+    shutdown(dist)
     return Path(cfg.output)
 
 

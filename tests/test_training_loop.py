@@ -228,3 +228,21 @@ def test_trace_env_writes_per_step_digests(tmp_path, monkeypatch):
     rows = [json.loads(line) for line in (tmp_path / "rank0.jsonl").read_text().splitlines()]
     assert len(rows) == 6 and len({r["net"] for r in rows}) == 6  # the weights change every step
     assert rows[-1]["net"] == module_digest(task.net)
+
+
+def test_interrupt_signals_and_grace():
+    """SIGTERM counts as Ctrl-C; a repeat within the grace time (torchrun forwarding the terminal's Ctrl-C) only
+    keeps the flag; a later one stops at once; the old handlers come back."""
+    import time
+
+    from qexport.interrupt import GracefulInterrupt
+
+    before = signal.getsignal(signal.SIGTERM)
+    with GracefulInterrupt(grace=0.2) as intr:
+        signal.raise_signal(signal.SIGTERM)
+        assert intr.flag
+        signal.raise_signal(signal.SIGINT)  # at once: the forwarded copy
+        time.sleep(0.3)
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) is before
