@@ -208,6 +208,11 @@ def check(
     raise typer.Exit(run_check(onnx_file, target, echo=typer.echo))
 
 
+from qexport.cli_synthesize import synthesize as _synthesize  # noqa: E402
+
+app.command("synthesize")(_synthesize)
+
+
 def _exception_classes() -> tuple[type, type, type]:
     """(Exit, ClickException, Abort) as this typer raises them (typer >= 0.29 bundles its own click)."""
     try:

@@ -27,7 +27,8 @@ class CalibratorInfo:
 
 _REGISTRY: dict[str, CalibratorInfo] = {}
 # Modules that register calibrators when imported (kept lazy: some import heavy code).
-_MODULES = ("qexport.calibrators.baseline", "qexport.calibrators.gpfq", "qexport.calibrators.adasg")
+_MODULES = ("qexport.calibrators.baseline", "qexport.calibrators.gpfq", "qexport.calibrators.adasg",
+            "qexport.calibrators.brecq", "qexport.calibrators.mixmix")
 
 
 def register_calibrator(name: str, *, config: type, needs_data: bool, summary: str) -> Callable:
