@@ -35,15 +35,21 @@ def test_share_splits_a_batch_over_ranks():
     assert DistInfo().share(16) == (0, 16)
 
 
+def _env(trace: Path) -> dict:
+    return {**os.environ, "QEXPORT_TRACE_STEPS": str(trace), "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+
+
+def _cmd(out: Path, epochs: int, ipe: int, *extra: str) -> list[str]:
+    return [*_torchrun(), "--standalone", "--nproc-per-node", "2", *_qexport(), "calibrate", TINY, "--method", "adasg",
+            "--bits", "w4a4", "--epochs", str(epochs), "--iters-per-epoch", str(ipe), "--batch-size", "8",
+            "--device", "cpu", "--quiet", "-o", str(out), *extra]
+
+
 def test_adasg_two_gloo_processes_stay_identical(tmp_path):
     trace, out = tmp_path / "trace", tmp_path / "out"
     trace.mkdir()
-    env = {**os.environ, "QEXPORT_TRACE_STEPS": str(trace), "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
-    cmd = [*_torchrun(), "--standalone", "--nproc-per-node", "2", *_qexport(), "calibrate", TINY, "--method", "adasg",
-           "--bits", "w4a4", "--epochs", "3", "--iters-per-epoch", "3", "--batch-size", "8", "--device", "cpu",
-           "--quiet", "-o", str(out)]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    res = subprocess.run(_cmd(out, 3, 3), env=_env(trace), capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     r0 = [json.loads(x) for x in (trace / "rank0.jsonl").read_text().splitlines()]
     r1 = [json.loads(x) for x in (trace / "rank1.jsonl").read_text().splitlines()]
@@ -55,3 +61,43 @@ def test_adasg_two_gloo_processes_stay_identical(tmp_path):
     rec = json.loads((out / "recipe.json").read_text())
     assert rec["metrics"]["processes"] == 2 and rec["metrics"]["iterations"] == 9
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "trace"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_torchrun_then_resume_gives_the_uninterrupted_recipe(tmp_path):
+    """Ctrl-C to torchrun (it forwards SIGINT to both ranks) in the game epochs: the ranks stop after the same
+    step, rank 0 writes one checkpoint holding both ranks' RNG states, no recipe; ``--resume`` under torchrun
+    then writes the recipe of an uninterrupted 2-process run, bit for bit."""
+    import signal
+    import time
+
+    from safetensors.torch import load_file
+
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    for d in ("t_full", "t_cut", "t_resume"):
+        (tmp_path / d).mkdir()
+    res = subprocess.run(_cmd(full, 4, 4), env=_env(tmp_path / "t_full"), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    proc = subprocess.Popen(_cmd(cut, 4, 4), env=_env(tmp_path / "t_cut"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    trace0 = tmp_path / "t_cut" / "rank0.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if trace0.is_file() and len(trace0.read_text().splitlines()) >= 10:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and not cut.exists(), err[-3000:]
+    ckpt = tmp_path / ".cut.work" / "adasg_checkpoint.pt"
+    import torch
+
+    st = torch.load(ckpt, weights_only=False)
+    assert len(st["ranks"]) == 2 and st["epoch"] * 4 + st["it"] < 16
+    res = subprocess.run(_cmd(cut, 4, 4, "--resume"), env=_env(tmp_path / "t_resume"), capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = load_file(str(full / "tensors.safetensors")), load_file(str(cut / "tensors.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ga, gb = load_file(str(full / "generator.safetensors")), load_file(str(cut / "generator.safetensors"))
+    assert all(torch.equal(ga[k], gb[k]) for k in ga)
