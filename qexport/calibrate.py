@@ -15,6 +15,7 @@ import torch
 from qexport.errors import QexportError
 from qexport.fileio import atomic_dir, check_output_free
 from qexport.progress import progress_bar
+from qexport.quant.layer_bits import resolve_bits
 from qexport.quant.spec import BitsConfig
 
 
@@ -40,6 +41,8 @@ class CalibrateConfig:
         resume: continue an interrupted run from its checkpoint.
         quiet: no progress bars.
         options: method options (validated by the method's config).
+        layer_bits: ``NAME=wNaM`` per-layer widths on top of ``bits`` (mixed precision).
+        auto_bits: with ``bits="auto"``: the budget per-layer widths are chosen for (qexport/mixed/allocate.py).
     """
 
     model: str
@@ -61,6 +64,8 @@ class CalibrateConfig:
     resume: bool = False
     quiet: bool = False
     options: dict = field(default_factory=dict)
+    layer_bits: tuple[str, ...] = ()
+    auto_bits: object | None = None
 
 
 def resolve_device(device: str) -> str:
@@ -99,7 +104,12 @@ def calibrate(cfg: CalibrateConfig) -> Path:
 
     info = get_calibrator(cfg.method)
     method_cfg = config_from_options(info.config, cfg.options, cfg.method)
-    bits = BitsConfig.parse(cfg.bits, cfg.first_last_bits)
+    auto = cfg.bits.strip().lower() == "auto"
+    if auto and cfg.auto_bits is None:
+        raise QexportError("--bits auto needs a budget: --weight-bits-avg 4.5, --size-kb 100 or --act-bits-avg 6")
+    if not auto and cfg.auto_bits is not None:
+        raise QexportError("--weight-bits-avg, --act-bits-avg and --size-kb go with --bits auto")
+    bits = BitsConfig(8, 8) if auto else resolve_bits(cfg.bits, cfg.layer_bits, cfg.first_last_bits)
     check_output_free(cfg.output, cfg.force)
     if cfg.num_samples <= 0:
         raise QexportError(f"--num-samples must be positive, got {cfg.num_samples}")
@@ -124,6 +134,13 @@ def calibrate(cfg: CalibrateConfig) -> Path:
             data, labels = load_tensor(folder, num_samples=cfg.num_samples, seed=cfg.seed,
                                        progress=lambda done, total: bar.update(completed=done))
         data_fp = folder.fingerprint()
+    allocation = None
+    if auto:
+        from qexport.mixed.allocate import allocate_for_run
+
+        bits, allocation = allocate_for_run(cfg.auto_bits, cfg.model, folded, cfg.target, data, cfg.seed,
+                                            cfg.keep_float, cfg.quiet)
+        plan = build_plan(folded, cfg.target, bits, tuple(cfg.keep_float))
     sim = QuantSim(folded, plan)
     work = work_dir_for(Path(cfg.output))
     if cfg.resume and not work.is_dir():
@@ -144,6 +161,8 @@ def calibrate(cfg: CalibrateConfig) -> Path:
         metrics = info.fn(ctx, method_cfg) or {}
         sim = ctx.sim.cpu().eval()
         metrics["calibration_seconds"] = round(time.time() - started, 2)
+        if allocation is not None:
+            metrics["mixed_precision"] = allocation
         ref = ModelRef(cfg.model, tuple(loaded.input_shape), loaded.preprocess.to_dict(), loaded.num_classes,
                        str(cfg.weights) if cfg.weights else None, loaded.weights_sha256)
         provenance = {"method": cfg.method, "options": _jsonable(vars(method_cfg)), "seed": cfg.seed,

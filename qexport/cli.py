@@ -22,6 +22,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 _MODEL_HELP = ("cifar:resnet20|32|44|56, torchvision:<name>, package.module:factory, or a torch.export .pt2 file")
 _METHOD = "Method options"
+_MIXED = "Mixed precision"
 
 
 def _floats(text: Optional[str], what: str) -> Optional[tuple[float, ...]]:
@@ -47,17 +48,40 @@ def _size(text: Optional[str]) -> Optional[tuple[int, int]]:
     return parts[0], parts[1]
 
 
+def _auto_bits(weight_avg: Optional[float], act_avg: Optional[float], size_kb: Optional[float],
+               sensitivity: Optional[Path]):
+    if weight_avg is None and act_avg is None and size_kb is None and sensitivity is None:
+        return None
+    from qexport.mixed.allocate import AutoBitsConfig
+
+    return AutoBitsConfig(weight_bits_avg=weight_avg, act_bits_avg=act_avg, size_kb=size_kb,
+                          sensitivity=str(sensitivity) if sensitivity else None)
+
+
 @app.command()
 def calibrate(
     model: str = typer.Argument(..., help=_MODEL_HELP),
     output: Path = typer.Option(..., "-o", "--output", help="Recipe folder to write (recipe.json + tensors.safetensors)."),
     method: str = typer.Option("mse", help="Calibration method; `qexport methods` lists them."),
-    bits: str = typer.Option("w8a8", help="Bit widths: wNaM (w8a8, w4a8, w4a4), or wN for weights only."),
+    bits: str = typer.Option("w8a8", help="Bit widths: wNaM (w8a8, w4a8, w4a4), wN for weights only, a JSON map "
+                             "file {\"default\": \"w4a8\", \"layers\": {NAME: \"w8a8\"}} (mixed precision), or "
+                             "'auto' with a budget (--weight-bits-avg / --act-bits-avg / --size-kb)."),
     weights: Optional[Path] = typer.Option(None, help="Checkpoint: state dict (.pt/.pth/.th) or .safetensors."),
     data: Optional[Path] = typer.Option(None, help="Calibration image folder (class subfolders or flat)."),
     num_samples: int = typer.Option(512, help="Calibration images used (a seeded random subset)."),
     target: str = typer.Option("onnxruntime", help="Runtime whose placement plan is used: onnxruntime, tensorrt, openvino."),
     first_last_bits: Optional[int] = typer.Option(None, help="Keep the first and last layer at this width (e.g. 8)."),
+    layer_bits: list[str] = typer.Option([], "--layer-bits", help="Per-layer width on top of --bits, NAME=wNaM "
+                                         "(repeatable), e.g. layer1.0.conv1=w8a8.", rich_help_panel=_MIXED),
+    weight_bits_avg: Optional[float] = typer.Option(None, help="--bits auto: mean weight bits (weighted by weight "
+                                                    "count), e.g. 4.5.", rich_help_panel=_MIXED),
+    act_bits_avg: Optional[float] = typer.Option(None, help="--bits auto: mean input-activation bits (weighted by "
+                                                 "tensor size); default: activations at 8.", rich_help_panel=_MIXED),
+    size_kb: Optional[float] = typer.Option(None, help="--bits auto: budget of the integer weights in KB (1024 "
+                                            "bytes).", rich_help_panel=_MIXED),
+    sensitivity: Optional[Path] = typer.Option(None, help="--bits auto: sensitivity.json from `qexport "
+                                               "sensitivity` (default: measured now on the calibration images).",
+                                               rich_help_panel=_MIXED),
     keep_float: list[str] = typer.Option([], help="Layer to leave in float (repeatable), e.g. an unsupported one."),
     input_size: Optional[str] = typer.Option(None, help="Override the input size: H,W or one number."),
     mean: Optional[str] = typer.Option(None, help="Override normalisation mean, e.g. 0.485,0.456,0.406."),
@@ -92,7 +116,8 @@ def calibrate(
                           num_samples=num_samples, seed=seed, first_last_bits=first_last_bits,
                           keep_float=tuple(keep_float), input_size=_size(input_size), mean=_floats(mean, "--mean"),
                           std=_floats(std, "--std"), device=device, force=force, resume=resume, quiet=quiet,
-                          options=options)
+                          options=options, layer_bits=tuple(layer_bits),
+                          auto_bits=_auto_bits(weight_bits_avg, act_bits_avg, size_kb, sensitivity))
     out = run_calibrate(cfg)
     typer.echo(f"recipe written to {out}")
 
@@ -208,9 +233,13 @@ def check(
     raise typer.Exit(run_check(onnx_file, target, echo=typer.echo))
 
 
+from qexport.cli_compare import compare as _compare  # noqa: E402
+from qexport.cli_sensitivity import sensitivity as _sensitivity  # noqa: E402
 from qexport.cli_synthesize import synthesize as _synthesize  # noqa: E402
 
 app.command("synthesize")(_synthesize)
+app.command("sensitivity")(_sensitivity)
+app.command("compare")(_compare)
 
 
 def _exception_classes() -> tuple[type, type, type]:

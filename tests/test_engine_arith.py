@@ -2,7 +2,8 @@
 
 - the QLinearAdd formula equals a real com.microsoft.QLinearAdd node on every pair of uint8 codes;
 - the requantization of exact accumulators equals a real QLinearConv node (im2col path and ConvSym path);
-- a small residual model's emulated QuantSim equals its ORT engine bit for bit (W8A8, W4A8), and verify says so;
+- a small residual model's emulated QuantSim equals its ORT engine bit for bit (W8A8, W4A8, W4A4), and verify
+  says so;
 - ResNet-20 W8A8 (shared folder): bit-exact logits on a test-dev subset;
 - the mode is off by default and refused for other plans.
 """
@@ -136,7 +137,7 @@ def residual_net() -> ResidualNet:
     return ResidualNet()
 
 
-@pytest.fixture(scope="module", params=["w8a8", "w4a8"])
+@pytest.fixture(scope="module", params=["w8a8", "w4a8", "w4a4"])
 def residual_recipe(request, tmp_path_factory, tiny_images):
     from qexport.calibrate import CalibrateConfig, calibrate
 
@@ -150,8 +151,9 @@ def test_small_model_bit_exact_with_engine(tmp_path, residual_recipe):
     x = torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 1.5
     eng, emu, flt, sim = _compare(engine_dir, residual_recipe, x)
     assert sim.arithmetic == "onnxruntime-integer"
-    assert sim._engine_arith.summary() == {"requantized_layers": 5, "float_output_gemms": 1, "qlinear_adds": 1,
-                                           "global_pools": 1}
+    # the plan's tail fusion points (last block output, pool) make the second Add and the pool integer kernels
+    assert sim._engine_arith.summary() == {"requantized_layers": 5, "float_output_gemms": 1, "qlinear_adds": 2,
+                                           "global_pools": 0, "qlinear_global_pools": 1}
     np.testing.assert_array_equal(emu, eng)
     assert np.abs(flt - eng).max() < 1.0  # the float QuantSim is the same model up to rounding flips
 

@@ -2,7 +2,7 @@
 
 Rule ids: opset, onnx-checker, no-integer-ops, qdq-constant-params, scale-positive, scale-shape,
 trt-zero-point, ort-qdq-types, weight-per-channel, activation-per-tensor, quantized-inputs, residual-add,
-clip-range, qdq-pair, bias-int32.
+clip-range, qdq-pair, bias-int32; code-clip lives in :mod:`qexport.export.check_rules_lowbit`.
 """
 
 from __future__ import annotations
@@ -355,6 +355,8 @@ def rule_qdq_pair(model: onnx.ModelProto, ix: GraphIndex) -> list[Violation]:
             out.append(Violation("qdq-pair", ix.label(q), "Q output is a graph output: follow it with a DQ"))
         s, (zp, _) = _scale(ix, q), _zp(ix, q)
         for c in ix.consumers.get(q.output[0], []):
+            if c.op_type == "Clip" and ix.target != "tensorrt":
+                continue  # a low-bit clip of the codes: the code-clip rule checks it and its DQs
             if c.op_type != DQ:
                 out.append(Violation("qdq-pair", ix.label(q), f"Q output feeds {c.op_type} {ix.label(c)}, not a DQ"))
                 continue
@@ -393,3 +395,6 @@ def rule_bias_int32(model: onnx.ModelProto, ix: GraphIndex) -> list[Violation]:
         if got.size != exp.size or not np.allclose(got, exp, rtol=1e-6, atol=0.0):
             out.append(Violation("bias-int32", where, f"bias scale {_inp(bdq, 1)} != input scale * weight scale"))
     return out
+
+
+from qexport.export import check_rules_lowbit  # noqa: E402,F401  (registers code-clip)

@@ -9,8 +9,13 @@ The markers are then replaced by the target's encoding of the recipe's integers 
 | tensorrt     | int8, zero point 0                            | int8, per channel  | float, on the int32 grid |
 | openvino     | as onnxruntime                                | int8, per channel  | as onnxruntime           |
 
-Below 8 bits an activation is an 8-bit Q/DQ pair with the low-bit scale, preceded by a Clip to the low-bit
-range, which reproduces the low-bit quantization exactly in an INT8 engine (architecture.md).
+Below 8 bits an activation is an 8-bit Q/DQ pair with the low-bit scale and a Clip to the low-bit range,
+which reproduces the low-bit quantization exactly in an INT8 engine (architecture.md). Where the Clip goes is
+per target (``CODE_CLIP_TARGETS``): on the integer codes between Q and DQ, ``Q -> Clip(codes, qmin + zp,
+qmax + zp) -> DQ`` (onnxruntime: the Q -> DQ pattern around every conv stays intact, so ONNX Runtime fuses
+QLinearConv with a cheap integer Clip after it; a float Clip before Q stops that fusion), or on the float
+values before Q, ``Clip(x, qmin * s, qmax * s) -> Q -> DQ`` (TensorRT accepts only a Q feeding a DQ). The two
+are the same function: Q rounds ``clip(x/s)`` and clipping commutes with the monotone rounding.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from qexport.quant.spec import QuantSpec
 from qexport.recipe import QuantRecipe
 
 DEFAULT_OPSET = 17
+CODE_CLIP_TARGETS = ("onnxruntime",)  # low-bit Clip on the integer codes (else on the float values before Q)
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 
 
@@ -140,6 +146,16 @@ class _GraphEditor:
         s_name = self._const(f"{point}.act_scale", np.array(scale, dtype=np.float32))
         z_name = self._const(f"{point}.act_zero_point", zp_arr)
         src, out, nodes = node.input[0], node.output[0], []
+        if clip is not None and self.target in CODE_CLIP_TARGETS:
+            np_t = np.uint8 if dtype == TensorProto.UINT8 else np.int8
+            lo = self._const(f"{point}.code_min", np.array(clip[0] + zp, dtype=np_t))
+            hi = self._const(f"{point}.code_max", np.array(clip[1] + zp, dtype=np_t))
+            nodes.append(helper.make_node("QuantizeLinear", [src, s_name, z_name], [f"{point}.q"], name=f"{point}.Q"))
+            nodes.append(helper.make_node("Clip", [f"{point}.q", lo, hi], [f"{point}.q_clipped"],
+                                          name=f"{point}.CodeClip"))
+            nodes.append(helper.make_node("DequantizeLinear", [f"{point}.q_clipped", s_name, z_name], [out],
+                                          name=f"{point}.DQ"))
+            return nodes
         if clip is not None:
             if self.target == "openvino":
                 lo_v, hi_v = _exact_clip_bound(clip[0], scale, False), _exact_clip_bound(clip[1], scale, True)

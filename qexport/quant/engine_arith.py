@@ -20,11 +20,16 @@ sources (onnxruntime 1.2x/1.3x):
   ``round_half_even(fma(a_u8, rA, fma(b_u8, rB, F)))`` saturated to uint8 (``a``/``b`` are the raw codes).
 - GlobalAveragePool (float): four float32 lanes each summing every fourth element in order, reduced as
   ``(l0 + l2) + (l1 + l3)``, then the remainder elements one by one, divided by the element count.
+- QLinearGlobalAveragePool (``DQ -> GlobalAveragePool -> Q``, MLAS ``MlasQLinearGlobalAveragePool``): exact
+  int32 sum of ``x_u8 - zp_x`` over the image, times ``float32(s_x / float32(s_y * float32(size)))`` in
+  float32, clamped, rounded half to even, plus ``zp_y`` (the requantization above).
+- Low-bit outputs: the exporter clips the uint8 *codes* after the Q (``Q -> Clip -> DQ``), so the kernel in
+  front still fuses and the Clip clamps its output levels to the low-bit grid exactly.
 
 Everything else QuantSim already computes the way the engine does (QuantizeLinear divides by the scale in
 float32 and rounds half to even, DequantizeLinear multiplies, float Add/Relu, moves of codes). Convolutions
-the engine runs in float (below 8-bit activations a Clip sits between Conv and Q, so ORT does not fuse them)
-keep QuantSim's arithmetic: their float32 summation order is MLAS's own and is not emulated.
+the engine runs in float (a conv of an old plan whose output feeds a residual Add without a quantizer) keep
+QuantSim's arithmetic: their float32 summation order is MLAS's own and is not emulated.
 
 Not emulated: ARM (its QLinearAdd is fixed point), x86 CPUs without VNNI running 8-bit weights (their u8s8
 kernels can saturate int16 pair sums), int32 overflow.
@@ -61,7 +66,7 @@ def ort_encoding(spec) -> tuple[int, bool]:
         spec: the activation QuantSpec.
 
     Returns:
-        (uint8 zero point, True when the exporter puts a Clip before the Q).
+        (uint8 zero point, True when the exporter clips the codes to a low-bit grid after the Q).
     """
     from qexport.export.qdq import act_encoding
 
@@ -83,6 +88,37 @@ def requantize_levels(acc: torch.Tensor, multiplier: torch.Tensor, zero_point: i
     # float32(acc) rounds half to even like cvtdq2ps; the product is one float32 rounding like mulps.
     v = acc.to(torch.float32) * multiplier.to(torch.float32)
     return torch.round(torch.clamp(v, float(-zero_point), float(255 - zero_point)))
+
+
+def clamp_to_grid(levels: torch.Tensor, spec) -> torch.Tensor:
+    """The exporter's Clip of the codes to a low-bit grid, on levels (code minus zero point).
+
+    Args:
+        levels: float levels.
+        spec: the output's activation QuantSpec.
+
+    Returns:
+        The levels clamped to ``[spec.qmin, spec.qmax]`` (unchanged for 8-bit grids).
+    """
+    return torch.clamp(levels, float(spec.qmin), float(spec.qmax))
+
+
+def qlinear_global_average_pool(levels: torch.Tensor, scale_in, scale_out, zero_point_out: int) -> torch.Tensor:
+    """ORT's QLinearGlobalAveragePool (MLAS, x86-64) on input levels, as output levels.
+
+    Args:
+        levels: input levels (codes minus the input zero point), float (N, C, H, W).
+        scale_in: input scale.
+        scale_out: output scale.
+        zero_point_out: output zero point.
+
+    Returns:
+        float32 output levels (N, C, 1, 1), before any low-bit clip.
+    """
+    size = levels.shape[-1] * levels.shape[-2]
+    mult = np.float32(_f32(scale_in) / np.float32(_f32(scale_out) * np.float32(size)))
+    acc = levels.to(torch.float64).sum(dim=(-2, -1), keepdim=True)  # exact: integers below 2^53
+    return requantize_levels(acc, torch.tensor(float(mult), dtype=torch.float32), zero_point_out)
 
 
 def qlinear_add_codes(a: torch.Tensor, b: torch.Tensor, scale_a, zp_a: int, scale_b, zp_b: int,
@@ -180,6 +216,7 @@ class OrtIntegerArithmetic:
         self.layers: dict[fx.Node, tuple] = {}  # node -> (layer, input quantizer, output quantizer or None)
         self.adds: dict[fx.Node, tuple] = {}  # node -> (quantizer of A, of B, of the output)
         self.pools: set[fx.Node] = set()
+        self.qpools: dict[fx.Node, tuple] = {}  # node -> (input quantizer, output quantizer)
         for n in gm.graph.nodes:
             mod = graph_ops.target_module(gm, n)
             if isinstance(mod, (QuantConv2d, QuantLinear)):
@@ -195,7 +232,12 @@ class OrtIntegerArithmetic:
                 if out_aq is not None:
                     self.adds[n] = (aq_of[n.args[0]], aq_of[n.args[1]], out_aq)
             elif _is_global_pool(gm, n):
-                self.pools.add(n)
+                in_aq = aq_of.get(n.args[0])
+                out_aq = self._fused_output(gm, n, aq_of) if in_aq is not None else None
+                if out_aq is not None:
+                    self.qpools[n] = (in_aq, out_aq)
+                else:
+                    self.pools.add(n)
 
     @staticmethod
     def _fused_output(gm: fx.GraphModule, node: fx.Node, aq_of: dict) -> ActQuantizer | None:
@@ -211,8 +253,8 @@ class OrtIntegerArithmetic:
             if user not in aq_of:
                 return None
         aq = aq_of[user]
-        zp, clipped = ort_encoding(aq.spec)
-        if clipped or (via_relu and zp != 0):  # a Clip blocks the fusion; Relu goes only before zero point 0
+        zp, _ = ort_encoding(aq.spec)
+        if via_relu and zp != 0:  # ORT drops a Relu only before zero point 0
             return None
         return aq
 
@@ -220,7 +262,7 @@ class OrtIntegerArithmetic:
         """Counts of the emulated kernels (for reports and tests)."""
         q = sum(1 for v in self.layers.values() if v[2] is not None)
         return {"requantized_layers": q, "float_output_gemms": len(self.layers) - q, "qlinear_adds": len(self.adds),
-                "global_pools": len(self.pools)}
+                "global_pools": len(self.pools), "qlinear_global_pools": len(self.qpools)}
 
     def layer(self, node: fx.Node, x: torch.Tensor) -> torch.Tensor | None:
         """QLinearConv / QGemm of a fused layer; None when a quantizer is off (then QuantSim's own forward runs).
@@ -253,7 +295,7 @@ class OrtIntegerArithmetic:
             return acc.to(torch.float32) * bias_scale.view(shape)
         s_out = out_aq.scale.detach().to(torch.float32)
         zp, _ = ort_encoding(out_aq.spec)
-        return requantize_levels(acc, (bias_scale / s_out).view(shape), zp) * s_out
+        return clamp_to_grid(requantize_levels(acc, (bias_scale / s_out).view(shape), zp), out_aq.spec) * s_out
 
     def add(self, node: fx.Node, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
         """QLinearAdd of a fused residual add; None when a quantizer is off.
@@ -273,7 +315,24 @@ class OrtIntegerArithmetic:
         sa, sb, sc = (q.scale.detach().to(torch.float32) for q in (qa, qb, qc))
         ca = torch.round(a / sa) + za
         cb = torch.round(b / sb) + zb
-        return (qlinear_add_codes(ca, cb, sa, za, sb, zb, sc, zc) - zc) * sc
+        return clamp_to_grid(qlinear_add_codes(ca, cb, sa, za, sb, zb, sc, zc) - zc, qc.spec) * sc
+
+    def pool(self, node: fx.Node, x: torch.Tensor) -> torch.Tensor | None:
+        """QLinearGlobalAveragePool of a fused pool; None when a quantizer is off.
+
+        Args:
+            node: the pool's graph node.
+            x: its input (dequantized codes of its quantizer).
+
+        Returns:
+            The dequantized output codes.
+        """
+        qi, qo = self.qpools[node]
+        if not (qi.enabled and qo.enabled):
+            return None
+        si, so = (q.scale.detach().to(torch.float32) for q in (qi, qo))
+        out = qlinear_global_average_pool(torch.round(x / si), si, so, ort_encoding(qo.spec)[0])
+        return clamp_to_grid(out, qo.spec) * so
 
     def run(self, sim, x: torch.Tensor) -> torch.Tensor:
         """Run QuantSim's graph with the engine's arithmetic at the fused nodes.
@@ -297,12 +356,14 @@ class _EngineInterpreter(fx.Interpreter):
 
     def run_node(self, n: fx.Node):
         a = self.arith
-        if n in a.layers or n in a.adds or n in a.pools:
+        if n in a.layers or n in a.adds or n in a.pools or n in a.qpools:
             args, _ = self.fetch_args_kwargs_from_env(n)
             if n in a.layers:
                 out = a.layer(n, args[0])
             elif n in a.adds:
                 out = a.add(n, args[0], args[1])
+            elif n in a.qpools:
+                out = a.pool(n, args[0])
             else:
                 out = global_average_pool(args[0]) if args[0].dtype == torch.float32 else None
             if out is not None:

@@ -5,9 +5,12 @@ exporter both read it, so they quantize exactly the same tensors (architecture.m
 
 Placement (architecture.md): weights of every Conv2d/Linear per output channel; the input tensor of every
 quantized layer per tensor; for a residual Add, the input that does not come straight from a quantized layer.
-For ``onnxruntime`` at 8-bit activations the conv outputs feeding an Add are quantized too, so the runtime
-fuses QLinearConv + QLinearAdd (without them that conv runs in float). A quantizer sits on a tensor: every
-consumer of that tensor sees the quantized value, in QuantSim and in the ONNX file alike.
+For ``onnxruntime`` (``FUSION_TARGETS``) there are ``fusion`` points too, so that nothing runs in float: at
+every activation width, 8-bit points on the conv outputs feeding an Add (QLinearConv + QLinearAdd; without
+them that conv runs in float) and on a residual block's output that no layer input point covers (the last
+block: QLinearAdd); and a point on the average pool in front of the classifier (QLinearGlobalAveragePool) with
+the classifier input's grid, whose scale the classifier input then shares (exact). A quantizer sits on a
+tensor: every consumer of that tensor sees the quantized value, in QuantSim and in the ONNX file alike.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from qexport.quant.spec import BitsConfig, QuantSpec, activation_spec, weight_sp
 
 TARGETS = ("onnxruntime", "tensorrt", "openvino")
 PLAN_VERSION = 1
+FUSION_TARGETS = ("onnxruntime",)  # targets whose plan adds the fusion points (module docstring)
+FUSION_BITS = 8
 
 
 @dataclass(frozen=True)
@@ -109,13 +114,63 @@ def _moved_from(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
     return node
 
 
+def _block_output(gm: fx.GraphModule, add: fx.Node) -> fx.Node:
+    """A residual Add's block output: the Add, or the plain ReLU that is its only consumer."""
+    users = list(add.users)
+    if len(users) == 1 and graph_ops.is_relu(gm, users[0]) and graph_ops.tensor_inputs(users[0])[:1] == [add]:
+        return users[0]
+    return add
+
+
+def _add_tail_points(gm: fx.GraphModule, nodes: list, last: LayerPoint, last_node: fx.Node,
+                     acts: dict, add_act) -> None:
+    """Fusion points of the tail: every residual block output not yet quantized, and the classifier's pool.
+
+    Args:
+        gm: the traced model.
+        nodes: its nodes in order.
+        last: the plan entry of the last quantized layer (the classifier).
+        last_node: its graph node.
+        acts: the points so far, by node name.
+        add_act: ``build_plan``'s point adder ``(node, bits, role) -> name``.
+    """
+    for node in nodes:
+        if graph_ops.is_residual_add(node):
+            out = _block_output(gm, node)
+            if out.name not in acts and len(out.users) > 0:
+                add_act(out, FUSION_BITS, "fusion")
+    if last.input_point is None or last.kind != "linear":
+        return
+    pool = graph_ops.tensor_inputs(last_node)[0]
+    while graph_ops.is_data_movement(gm, pool) and graph_ops.tensor_inputs(pool):
+        pool = graph_ops.tensor_inputs(pool)[0]
+    if pool.name != last.input_point and graph_ops.is_average(gm, pool) and pool.name not in acts:
+        # The classifier input's grid: its point (after Flatten) then shares this scale and re-rounds nothing.
+        add_act(pool, acts[last.input_point].spec.bits, "fusion")
+
+
+def _check_layer_names(bits: BitsConfig, names: list[str], keep_float: tuple[str, ...]) -> None:
+    """Every per-layer width must name a quantized layer of the model (close names suggested)."""
+    import difflib
+
+    for name, _, _ in bits.layer_bits:
+        if name in names:
+            continue
+        if name in keep_float:
+            raise QexportError(f"layer {name!r} has a per-layer width but is kept in float (--keep-float); drop one")
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+        hint = f"close names: {', '.join(close)}" if close else f"quantizable layers: {', '.join(names[:6])}, ..."
+        raise QexportError(f"per-layer bits name no quantizable layer {name!r}; {hint}")
+
+
 def build_plan(gm: fx.GraphModule, target: str, bits: BitsConfig, keep_float: tuple[str, ...] = ()) -> QuantPlan:
     """Derive the default placement plan from a BN-folded traced model.
 
     Args:
         gm: the BN-folded float model as a torch.fx GraphModule.
         target: ``onnxruntime``, ``tensorrt`` or ``openvino``.
-        bits: bit widths; ``first_last_bits`` applies to the first and last quantized layer.
+        bits: bit widths; ``first_last_bits`` applies to the first and last quantized layer, ``layer_bits``
+            (mixed precision) to the layers it names.
         keep_float: layer names to leave in float (also allows unsupported layers).
 
     Returns:
@@ -154,19 +209,18 @@ def build_plan(gm: fx.GraphModule, target: str, bits: BitsConfig, keep_float: tu
             acts[node.name] = ActPoint(node.name, spec, old.role if old else role, share)
         return node.name
 
+    _check_layer_names(bits, [n.target for n in layer_nodes], keep_float)
     layers = []
     for n in layer_nodes:
-        w_bits = bits.weight_bits
-        a_bits = bits.act_bits
-        if bits.first_last_bits and n.name in edge:
-            w_bits = bits.first_last_bits
-            a_bits = bits.first_last_bits if a_bits is not None else None
+        # a tensor feeding several layers takes the widest of their input widths (add_act keeps the wider)
+        w_bits, a_bits = bits.widths_for(n.target, n.name in edge)
         inp = graph_ops.tensor_inputs(n)[0]
         point = add_act(inp, a_bits, "input") if a_bits is not None else None
         kind = "conv2d" if type(graph_ops.target_module(gm, n)).__name__ == "Conv2d" else "linear"
         layers.append(LayerPoint(n.target, kind, weight_spec(w_bits), point))
 
     if bits.act_bits is not None:
+        fusion = target in FUSION_TARGETS
         quantized_layer_nodes = {n.name for n in layer_nodes}
         for node in nodes:
             if not graph_ops.is_residual_add(node):
@@ -174,10 +228,12 @@ def build_plan(gm: fx.GraphModule, target: str, bits: BitsConfig, keep_float: tu
             for arg in node.args[:2]:
                 from_layer = arg.name in quantized_layer_nodes
                 if from_layer:
-                    if target == "onnxruntime" and bits.act_bits == 8:
-                        add_act(arg, 8, "fusion")
+                    if fusion:
+                        add_act(arg, FUSION_BITS, "fusion")
                 elif arg.name not in acts:
                     add_act(arg, bits.act_bits, "residual")
+        if fusion:
+            _add_tail_points(gm, nodes, layers[-1], layer_nodes[-1], acts, add_act)
     # Re-resolve sharing now that every point exists (a residual point may precede its source in order).
     ordered = []
     for node in nodes:

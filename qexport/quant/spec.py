@@ -100,11 +100,15 @@ class BitsConfig:
         weight_bits: weight bits (1..8).
         act_bits: activation bits (2..8), or None for weights-only quantization.
         first_last_bits: keep the first and last quantized layer (weights and input) at this width.
+        layer_bits: per-layer widths on top of the defaults, ``(layer name, weight bits, input bits)`` each
+            (mixed precision; qexport/quant/layer_bits.py parses them). Input bits are None exactly when the
+            default activations are float.
     """
 
     weight_bits: int
     act_bits: int | None
     first_last_bits: int | None = None
+    layer_bits: tuple[tuple[str, int, int | None], ...] = ()
 
     def __post_init__(self) -> None:
         if not MIN_BITS <= self.weight_bits <= MAX_BITS:
@@ -113,6 +117,8 @@ class BitsConfig:
             raise QexportError(f"activation bits must be in 2..8 (or 32 for float), got {self.act_bits}")
         if self.first_last_bits is not None and not 2 <= self.first_last_bits <= MAX_BITS:
             raise QexportError(f"--first-last-bits must be in 2..8, got {self.first_last_bits}")
+        for name, w, a in self.layer_bits:
+            check_layer_widths(name, w, a, self.act_bits is not None)
 
     @classmethod
     def parse(cls, text: str, first_last_bits: int | None = None) -> "BitsConfig":
@@ -136,11 +142,57 @@ class BitsConfig:
 
     @property
     def label(self) -> str:
-        return f"w{self.weight_bits}a{self.act_bits if self.act_bits else 32}"
+        base = f"w{self.weight_bits}a{self.act_bits if self.act_bits else 32}"
+        return f"{base}+mixed({len(self.layer_bits)} layers)" if self.layer_bits else base
+
+    def widths_for(self, layer: str, edge: bool) -> tuple[int, int | None]:
+        """(weight bits, input bits) of one layer: its ``layer_bits`` entry, else first/last, else the default."""
+        for name, w, a in self.layer_bits:
+            if name == layer:
+                return w, a
+        if self.first_last_bits and edge:
+            return self.first_last_bits, (self.first_last_bits if self.act_bits is not None else None)
+        return self.weight_bits, self.act_bits
 
     def to_dict(self) -> dict:
-        return {"weight_bits": self.weight_bits, "act_bits": self.act_bits, "first_last_bits": self.first_last_bits}
+        d = {"weight_bits": self.weight_bits, "act_bits": self.act_bits, "first_last_bits": self.first_last_bits}
+        if self.layer_bits:
+            d["layer_bits"] = {n: width_label(w, a) for n, w, a in self.layer_bits}
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "BitsConfig":
-        return cls(int(d["weight_bits"]), d.get("act_bits"), d.get("first_last_bits"))
+        per_layer = []
+        for name, text in (d.get("layer_bits") or {}).items():
+            b = cls.parse(text)
+            per_layer.append((name, b.weight_bits, b.act_bits))
+        return cls(int(d["weight_bits"]), d.get("act_bits"), d.get("first_last_bits"), tuple(per_layer))
+
+
+def width_label(w: int, a: int | None) -> str:
+    """``wNaM`` of a weight and an activation width (``a32`` for float activations)."""
+    return f"w{w}a{a if a else 32}"
+
+
+def check_layer_widths(name: str, w: int, a: int | None, quantized_acts: bool) -> None:
+    """Reject a per-layer width no target can hold, or one that mixes float and integer activations.
+
+    Every target stores codes in 8-bit integers (Q/DQ pairs with a Clip below 8 bits), so 1..8 weight bits and
+    2..8 activation bits are what a layer can have.
+
+    Args:
+        name: layer name (for the message).
+        w: weight bits.
+        a: input activation bits (None: float).
+        quantized_acts: the default activations are quantized.
+    """
+    if not MIN_BITS <= w <= MAX_BITS:
+        raise QexportError(f"layer {name!r}: {w}-bit weights do not fit the 8-bit integers of every target; "
+                           f"use 1..8 weight bits")
+    if a is not None and not 2 <= a <= MAX_BITS:
+        raise QexportError(f"layer {name!r}: {a}-bit activations do not fit the 8-bit integers of every target; "
+                           f"use 2..8 activation bits")
+    if (a is not None) != quantized_acts:
+        want = "a width such as w8a8" if quantized_acts else "weights only, such as w8"
+        raise QexportError(f"layer {name!r}: {width_label(w, a)} mixes float and integer activations with the "
+                           f"default; give {want}")

@@ -79,6 +79,7 @@ def verify(cfg: VerifyConfig) -> tuple[dict, Path]:
     """
     from qexport.data import ImageFolder, iter_batches, subset_indices
     from qexport.models import Preprocess
+    from qexport.quant.layer_bits import layer_widths
     from qexport.recipe import QuantRecipe
     from qexport.runtimes import load_engine, read_engine_meta
 
@@ -125,6 +126,7 @@ def verify(cfg: VerifyConfig) -> tuple[dict, Path]:
                    "versions": meta.get("versions", {})},
         "data": {"path": str(cfg.data), "count": int(len(idx)), "labelled": ds.labelled, "seed": cfg.seed},
         "quantsim_arithmetic": sim.arithmetic,
+        "widths": layer_widths(recipe.plan),
         "accuracy": accuracy,
         "latency": benchmark_engines(engine, fp32_engine, cfg.bench_batch_sizes, cfg.bench_iters),
     }

@@ -72,6 +72,7 @@ def render_markdown(report: dict) -> str:
                     sp = f"{row['speedup']:.2f}x" if which == "int8" and row.get("speedup") else ""
                     lines.append(f"| {row['batch_size']} | {which} | {s['p50_ms']:.3f} | {s['p90_ms']:.3f} | "
                                  f"{s['p99_ms']:.3f} | {s['throughput_ips']:.1f} | {sp} |")
+    lines += _widths_markdown(report.get("widths") or [])
     div = report.get("divergence")
     if div:
         lines += ["", "## First divergent layer", "", div.get("summary", "")]
@@ -81,6 +82,21 @@ def render_markdown(report: dict) -> str:
         for c in checks:
             lines.append(f"| {c['name']} | {_num(c['value'])} | {_num(c['threshold'])} | {'PASS' if c['passed'] else 'FAIL'} |")
     return "\n".join(lines) + "\n"
+
+
+def _widths_markdown(widths: list[dict]) -> list[str]:
+    """Each layer's weight and input widths (mixed precision shows where the bits went)."""
+    if not widths:
+        return []
+    out = ["", "## Layer widths", "", "| layer | kind | weight bits | input bits |", "|---|---|---|---|"]
+    for w in widths:
+        out.append(f"| {w['layer']} | {w['kind']} | {w['weight_bits']} | {w['input_bits'] or 'float'} |")
+    return out
+
+
+def widths_line(widths: list[dict]) -> str:
+    """One console line: ``conv1 w8a8, layer1.0.conv1 w4a8, ...``."""
+    return "widths: " + ", ".join(f"{w['layer']} w{w['weight_bits']}a{w['input_bits'] or 32}" for w in widths)
 
 
 def write_report(report: dict, folder: Path) -> None:
@@ -124,6 +140,8 @@ def print_report(report: dict) -> None:
         if f32:
             msg += f", FP32 p50 {f32['p50_ms']:.3f} ms, speed-up {row['speedup']:.2f}x"
         console.print(msg)
+    if len({(w["weight_bits"], w["input_bits"]) for w in report.get("widths") or []}) > 1:
+        console.print(widths_line(report["widths"]), soft_wrap=True)
     if report.get("divergence"):
         console.print(report["divergence"]["summary"])
     for c in report.get("checks") or []:

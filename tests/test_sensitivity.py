@@ -1,0 +1,140 @@
+"""Per-layer sensitivity (``qexport sensitivity``) and ``--bits auto`` (knapsack allocation under a budget)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY, assert_user_error, tree
+from qexport.quant.layer_bits import mean_weight_bits
+from qexport.recipe import QuantRecipe
+
+
+def _fragile_tiny():
+    """tiny_net whose conv2 is fragile at 4 bits: one huge weight per filter on an always-zero input channel sets
+    the grid step, so the small weights that carry the signal all round to zero (the output is unchanged in float)."""
+    from tests_support.models import tiny_net
+
+    net = tiny_net().eval()
+    with torch.no_grad():
+        net.conv1.weight[0].zero_()
+        net.bn1.running_mean[0], net.bn1.bias[0] = 0.0, -1.0  # channel 0 after ReLU: always 0
+        net.conv2.weight.mul_(0.02)
+        net.conv2.weight[:, 0, 1, 1] = 5.0
+        net.conv2.bias.mul_(0.02)
+        net.conv3.weight.mul_(10.0)  # keep conv2's (now small) signal relevant downstream
+    return net
+
+
+def test_sensitivity_ranks_a_fragile_layer_first():
+    from qexport.mixed.sensitivity import measure_sensitivity
+    from qexport.models import fold_batchnorm
+
+    net = _fragile_tiny()
+    x = torch.randn(32, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    folded = fold_batchnorm(net)
+    table = measure_sensitivity(folded, "onnxruntime", [(4, 4)], x, quiet=True)
+    order = [r["layer"] for r in table["layers"]]
+    assert order[0] == "conv2", [(r["layer"], r["loss"]["w4a4"]) for r in table["layers"]]
+    by_w = sorted(table["layers"], key=lambda r: -r["loss"]["w4a4"]["weight"])
+    assert by_w[0]["layer"] == "conv2"
+    # the same net unmodified: conv2 is not singled out (the ranking reflects the planted fragility)
+    from tests_support.models import tiny_net
+
+    plain = measure_sensitivity(fold_batchnorm(tiny_net().eval()), "onnxruntime", [(4, 4)], x, quiet=True)
+    c2 = lambda t: next(r for r in t["layers"] if r["layer"] == "conv2")["loss"]["w4a4"]["weight"]  # noqa: E731
+    assert c2(table) > 10 * c2(plain)
+
+
+def test_sensitivity_cli_writes_table_chart_and_heldout(tmp_path, tiny_images, qx):
+    out = tmp_path / "sens"
+    res = qx("sensitivity", TINY, "--data", tiny_images, "--bits", "w4a4,w2a4", "--num-samples", "16",
+             "--heldout", "8", "-q", "-o", out)
+    assert res.code == 0, res.err
+    assert {"sensitivity.json", "sensitivity.md", "sensitivity.png"} <= tree(out)
+    table = json.loads((out / "sensitivity.json").read_text())
+    assert table["widths"] == ["w2a4", "w4a4"] and table["heldout_images"] == 8
+    assert {r["layer"] for r in table["layers"]} == {"conv1", "conv2", "conv3", "fc"}
+    for r in table["layers"]:  # 2-bit weights cost more than 4-bit ones
+        assert r["loss"]["w2a4"]["weight"] >= r["loss"]["w4a4"]["weight"] * 0.999
+        assert "top1_drop" in r["loss"]["w4a4"]
+    assert (out / "sensitivity.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("args,frag", [(["--metric", "l7"], ["--metric"]),
+                                       (["--heldout", "100"], ["--heldout 100", "outside"]),
+                                       (["--bits", "w4a4,w4"], ["mixes"])])
+def test_sensitivity_bad_input(tmp_path, tiny_images, qx, args, frag):
+    res = qx("sensitivity", TINY, "--data", tiny_images, "--num-samples", "16", "-q", "-o", tmp_path / "s", *args)
+    assert_user_error(res, *frag)
+    assert tree(tmp_path) == set()
+
+
+def test_knapsack_is_exact_on_small_cases():
+    from qexport.mixed.allocate import knapsack
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        items = [[(float(n * b), float(rng.random() / b), b) for b in (2, 4, 8)]
+                 for n in rng.integers(10, 100, size=5)]
+        budget = float(rng.uniform(sum(c[0][0] for c in items), sum(c[-1][0] for c in items)))
+        best = min((combo for combo in itertools.product(*items) if sum(c for c, _, _ in combo) <= budget),
+                   key=lambda combo: sum(l for _, l, _ in combo))
+        got = knapsack(items, budget)
+        got_loss = sum(next(l for _, l, b in ch if b == g) for ch, g in zip(items, got))
+        assert sum(next(c for c, _, b in ch if b == g) for ch, g in zip(items, got)) <= budget
+        assert got_loss <= sum(l for _, l, _ in best) + 1e-9
+
+
+def test_bits_auto_meets_the_budget_impossible_budget_says_the_minimum(tmp_path, tiny_images, qx):
+    sens = tmp_path / "sens"
+    assert qx("sensitivity", TINY, "--data", tiny_images, "--bits", "w2a4,w4a4", "--num-samples", "16", "-q",
+              "-o", sens).code == 0
+    out = tmp_path / "r"
+    res = qx("calibrate", TINY, "--bits", "auto", "--weight-bits-avg", "3", "--sensitivity", sens, "--data",
+             tiny_images, "--num-samples", "16", "--method", "minmax", "-q", "-o", out)
+    assert res.code == 0, res.err
+    rec = QuantRecipe.load(out)
+    numels = {n: int(t.numel()) for n, t in rec.int_weights.items()}
+    assert mean_weight_bits(rec.plan, numels) <= 3.0
+    assert len({lp.weight.bits for lp in rec.plan.layers}) > 1
+    assert rec.metrics["mixed_precision"]["mean_weight_bits"] <= 3.0
+    res = qx("calibrate", TINY, "--bits", "auto", "--weight-bits-avg", "1.5", "--sensitivity", sens, "--data",
+             tiny_images, "--num-samples", "16", "-q", "-o", tmp_path / "r2")
+    assert_user_error(res, "--weight-bits-avg 1.5", "below", "2.00 mean weight bits")
+    assert not (tmp_path / "r2").exists()
+
+
+def test_bits_auto_measures_when_no_table(tmp_path, tiny_images):
+    from qexport.mixed.allocate import AutoBitsConfig
+    from qexport.calibrate import CalibrateConfig, calibrate
+
+    out = calibrate(CalibrateConfig(model=TINY, output=tmp_path / "r", method="mse", bits="auto", data=str(tiny_images),
+                                    num_samples=16, quiet=True, auto_bits=AutoBitsConfig(size_kb=1.2, act_bits_avg=6)))
+    rec = QuantRecipe.load(out)
+    numels = {n: int(t.numel()) for n, t in rec.int_weights.items()}
+    assert sum(numels[lp.name] * lp.weight.bits for lp in rec.plan.layers) / 8192 <= 1.2
+    mp = rec.metrics["mixed_precision"]
+    assert mp["mean_act_bits"] <= 6.0 and mp["sensitivity"].startswith("measured at")
+
+
+def test_allocation_stays_at_or_above_the_floor_of_the_mean_by_default():
+    from qexport.mixed.allocate import allocate
+
+    # four equal layers; the first is very sensitive, the others not: without the floor rule the knapsack pays
+    # for 8-bit on the first with 2-bit elsewhere; with it every layer stays >= 4 bits.
+    def row(name, w2, w4):
+        return {"layer": name, "weights": 100, "input_point": None,
+                "loss": {"w2a4": {"weight": w2}, "w4a4": {"weight": w4}}}
+
+    table = {"widths": ["w2a4", "w4a4"], "layers": [row("a", 9.0, 1.0), row("b", 0.1, 0.01), row("c", 0.1, 0.01),
+                                                    row("d", 0.1, 0.01)]}
+    free = allocate(table, weight_bits_avg=4.5, floor=False)
+    assert free["layers"]["a"][0] == 8 and min(w for w, _ in free["layers"].values()) == 2
+    floored = allocate(table, weight_bits_avg=4.5)
+    assert min(w for w, _ in floored["layers"].values()) == 4 and floored["mean_weight_bits"] <= 4.5
+    assert allocate(table, weight_bits_avg=5.0)["layers"]["a"][0] == 8  # 4+4+4+8 = mean 5
