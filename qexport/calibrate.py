@@ -158,7 +158,12 @@ def calibrate(cfg: CalibrateConfig) -> Path:
         return Path(cfg.output)
     with atomic_dir(cfg.output, force=cfg.force) as tmp:
         ctx = CalibrationContext(**ctx_args, artifact_dir=tmp)
-        metrics = info.fn(ctx, method_cfg) or {}
+        try:
+            metrics = info.fn(ctx, method_cfg) or {}
+        except QexportError:
+            if not any(work.iterdir()):  # refused before any checkpoint: leave nothing behind
+                shutil.rmtree(work, ignore_errors=True)
+            raise
         sim = ctx.sim.cpu().eval()
         metrics["calibration_seconds"] = round(time.time() - started, 2)
         if allocation is not None:

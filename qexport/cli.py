@@ -128,12 +128,13 @@ def export_cmd(
     output: Path = typer.Option(..., "-o", "--output", help="QDQ ONNX file; the FP32 baseline goes beside it as <name>.fp32.onnx."),
     target: str = typer.Option("onnxruntime", help="onnxruntime (uint8 activations), tensorrt (int8, zero point 0) or openvino."),
     opset: int = typer.Option(17, help="ONNX opset (>= 13)."),
+    erf_encoding: str = typer.Option("erf", help="Aligned (alignq) activations as 'erf' (DQ, Erf, Q: every runtime) or 'lookup' (a table from incoming to outgoing 8-bit codes: onnxruntime/openvino)."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing files."),
 ) -> None:
     """Export a recipe as QDQ ONNX for a target (checked against the target's rules before writing)."""
     from qexport.export.qdq import export_recipe
 
-    qdq, fp32, _ = export_recipe(recipe, target, output, force=force, opset=opset)
+    qdq, fp32, _ = export_recipe(recipe, target, output, force=force, opset=opset, erf_encoding=erf_encoding)
     typer.echo(f"wrote {qdq} ({target} QDQ) and {fp32} (FP32 baseline)")
 
 
@@ -157,7 +158,9 @@ def build_engine(
 def verify(
     engine: Path = typer.Argument(..., help="Engine folder from `qexport build-engine`."),
     recipe: Path = typer.Option(..., help="The recipe folder the engine was exported from."),
-    data: Path = typer.Option(..., help="Image folder (class subfolders give top-1)."),
+    data: list[Path] = typer.Option(..., help="Image folder (class subfolders give top-1). Repeatable: every folder is "
+                                    "evaluated and reported (the first is the main one); a folder written by "
+                                    "`qexport corrupt` stands for all its corrupted folders."),
     report: Optional[Path] = typer.Option(None, help="Report folder (default: <engine>.report beside the engine)."),
     num_samples: Optional[int] = typer.Option(None, help="Use a seeded subset of this many images (default all)."),
     batch_size: int = typer.Option(64, help="Inference batch size."),
@@ -175,7 +178,10 @@ def verify(
     from qexport.verify.report import print_report
 
     sizes = tuple(b for b in bench_batch if b > 0)
-    cfg = VerifyConfig(engine=engine, recipe=recipe, data=data, report=report, num_samples=num_samples, seed=seed,
+    from qexport.data.corrupt import expand_data_folders
+
+    folders = expand_data_folders(data)
+    cfg = VerifyConfig(engine=engine, recipe=recipe, data=folders[0], more_data=tuple(folders[1:]), report=report, num_samples=num_samples, seed=seed,
                        batch_size=batch_size, threads=threads, bench_batch_sizes=sizes, bench_iters=bench_iters,
                        max_drop=max_drop, min_agreement=min_agreement, force=force, quiet=quiet)
     rep, out = run_verify(cfg)
@@ -250,6 +256,11 @@ def _exception_classes() -> tuple[type, type, type]:
     except ImportError:  # older typer uses click itself
         from click.exceptions import Abort, ClickException, Exit
     return Exit, ClickException, Abort
+
+
+from qexport.cli_corrupt import corrupt  # noqa: E402
+
+app.command()(corrupt)
 
 
 def main() -> None:

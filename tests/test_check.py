@@ -21,7 +21,7 @@ from qexport.export.check import (
 
 RULE_IDS = {"opset", "onnx-checker", "no-integer-ops", "qdq-constant-params", "scale-positive", "scale-shape",
             "trt-zero-point", "ort-qdq-types", "weight-per-channel", "activation-per-tensor", "quantized-inputs",
-            "residual-add", "clip-range", "qdq-pair", "bias-int32", "code-clip"}
+            "residual-add", "clip-range", "qdq-pair", "bias-int32", "code-clip", "trt-no-lookup"}
 S_IN, S_A, S_F = 0.02, 0.05, 0.03
 
 

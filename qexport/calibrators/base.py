@@ -313,6 +313,8 @@ def calibrate_activations(sim: QuantSim, data: torch.Tensor, mode: str, *, batch
                 aq.observer = None
     for name, aq in sim.act_quantizers().items():
         sp = aq.spec
+        if aq.kind == "erf":  # aligned (AlignQ) points have fixed scales: gain / n out, saturation / 255 in
+            continue
         if mode == "minmax":
             s = act_scale_minmax(obs[name], sp.signed, sp.qmin, sp.qmax)
         elif mode == "percentile":

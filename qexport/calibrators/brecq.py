@@ -24,6 +24,7 @@ cut to what its share allows (measured on the first iterations). Resumable per b
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -150,9 +151,45 @@ def _block_quantizers(sim, block: Block) -> list:
     return [aqs[name] for name in names if name in aqs and name not in shared]
 
 
+def _learn_rounding(sim, mod, block: Block, xq, yf, fisher, cfg: BrecqConfig, seed: int, seconds, label: str,
+                    quiet: bool, rtn: float) -> tuple[int, float, float, bool]:
+    """AdaRound on the block's layers, then hard rounding; round-to-nearest is kept if it is better on the
+    calibration images. Returns (iterations, seconds used, block error, learned rounding kept)."""
+    layers = {name: sim.gm.get_submodule(name) for name in block.layers}
+    originals = {name: layer.weight_quantizer for name, layer in layers.items()}
+    nearest = {name: layer.int_weight() for name, layer in layers.items()}
+    rounders = []
+    for layer in layers.values():
+        layer.weight_quantizer = AdaRoundWeight(layer.weight_quantizer, layer.weight)
+        rounders.append(layer.weight_quantizer)
+    try:
+        phase = RoundingPhase(mod, xq, yf, fisher, rounders, lr=cfg.lr, total=cfg.iters, batch_size=cfg.batch_size,
+                              seed=seed, lam=cfg.reg_weight, warmup=cfg.warmup)
+        n_round = _iters_for(phase, cfg.iters, seconds)
+        t0 = time.perf_counter()
+        _run_phase(phase, n_round, f"{label} rounding", quiet)
+        used = time.perf_counter() - t0
+    finally:
+        for name, layer in layers.items():
+            r = layer.weight_quantizer
+            layer.weight_quantizer = originals[name]
+            if isinstance(r, AdaRoundWeight):
+                layer.set_quantized_weight(r.levels(), originals[name].scale.detach().clone())
+    rounded = block_error(mod, xq, yf)
+    if rounded <= rtn:
+        return n_round, used, rounded, True
+    for name, layer in layers.items():
+        layer.set_quantized_weight(nearest[name], layer.weight_quantizer.scale.detach().clone())
+    return n_round, used, rtn, False
+
+
 def reconstruct_block(sim, mod, block: Block, xq, yf, fisher, cfg: BrecqConfig, seed: int,
                       seconds: float | None, label: str, quiet: bool) -> dict:
     """Learn the rounding, then the activation step sizes, of one block in place.
+
+    Neither step may leave the block worse on the calibration images than before it: learned rounding that
+    ends above round-to-nearest's error falls back to round-to-nearest, learned step sizes that end above the
+    error before them fall back to the previous steps (``kept`` in the metrics says what stayed).
 
     Args:
         sim: the QuantSim.
@@ -171,35 +208,15 @@ def reconstruct_block(sim, mod, block: Block, xq, yf, fisher, cfg: BrecqConfig, 
         Block metrics: output error with round-to-nearest, after rounding, after step sizes; iterations.
     """
     t_start = time.perf_counter()
-    layers = {name: sim.gm.get_submodule(name) for name in block.layers}
     rtn = block_error(mod, xq, yf)
-    originals = {name: layer.weight_quantizer for name, layer in layers.items()}
-    rounders = []
-    for layer in layers.values():
-        r = AdaRoundWeight(layer.weight_quantizer, layer.weight)
-        layer.weight_quantizer = r
-        rounders.append(r)
     scales = [aq.scale for aq in _block_quantizers(sim, block)]
     act_iters = cfg.act_iters if scales else 0
-    try:
-        phase = RoundingPhase(mod, xq, yf, fisher, rounders, lr=cfg.lr, total=cfg.iters, batch_size=cfg.batch_size,
-                              seed=seed, lam=cfg.reg_weight, warmup=cfg.warmup)
-        share = None if seconds is None else seconds * cfg.iters / (cfg.iters + act_iters)
-        n_round = _iters_for(phase, cfg.iters, share)
-        t0 = time.perf_counter()
-        _run_phase(phase, n_round, f"{label} rounding", quiet)
-        used = time.perf_counter() - t0
-        for r in rounders:
-            r.hard = True
-        rounded = block_error(mod, xq, yf)
-    finally:
-        for name, layer in layers.items():
-            r = layer.weight_quantizer
-            layer.weight_quantizer = originals[name]
-            if isinstance(r, AdaRoundWeight):
-                layer.set_quantized_weight(r.levels(), originals[name].scale.detach().clone())
-    n_act = 0
+    share = None if seconds is None else seconds * cfg.iters / (cfg.iters + act_iters)
+    n_round, used, rounded, learned = _learn_rounding(sim, mod, block, xq, yf, fisher, cfg, seed, share, label,
+                                                      quiet, rtn)
+    n_act, final, steps_kept = 0, rounded, False
     if act_iters:
+        before = [p.detach().clone() for p in scales]
         for p in scales:
             p.requires_grad_(True)
         step = StepSizePhase(mod, xq, yf, fisher, scales, lr=cfg.act_lr, total=act_iters,
@@ -208,9 +225,17 @@ def reconstruct_block(sim, mod, block: Block, xq, yf, fisher, cfg: BrecqConfig, 
         _run_phase(step, n_act, f"{label} act steps", quiet)
         for p in scales:
             p.requires_grad_(False)
-    final = block_error(mod, xq, yf)
+        final = block_error(mod, xq, yf)
+        steps_kept = final <= rounded
+        if not steps_kept:
+            with torch.no_grad():
+                for p, v in zip(scales, before):
+                    p.copy_(v)
+            sim.apply_shared_scales()
+            final = rounded
     return {"block": block.name, "residual": block.residual, "rtn_error": rtn, "rounded_error": rounded,
             "final_error": final, "iters": n_round, "act_iters": n_act,
+            "kept": {"learned_rounding": learned, "learned_steps": steps_kept},
             "seconds": round(time.perf_counter() - t_start, 3)}
 
 
@@ -260,7 +285,8 @@ def calibrate_brecq(ctx: CalibrationContext, cfg: BrecqConfig) -> dict:
     names = set(sim.layers())
     blocks = find_blocks(sim.gm, names)
     mods = [block_module(sim.gm, b) for b in blocks]
-    fmods = [block_module(ctx.folded.to(ctx.device).eval(), b, float_path=True) for b in blocks]
+    folded = ctx.folded if ctx.device == "cpu" else copy.deepcopy(ctx.folded).to(ctx.device)
+    fmods = [block_module(folded.eval(), b, float_path=True) for b in blocks]
     cfg_json = json.dumps(dataclasses.asdict(cfg), sort_keys=True)
     state = _resume_state(ctx, cfg_json)
     if state is None:

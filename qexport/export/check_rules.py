@@ -345,7 +345,24 @@ def _same(a: np.ndarray | None, b: np.ndarray | None) -> bool:
     return a is None or b is None or (a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b))
 
 
-@register_rule("qdq-pair", ALL, "a Q feeds only DQ nodes with the same scale, zero point and axis")
+def _code_lookup(ix: GraphIndex, cast: onnx.NodeProto) -> bool:
+    """``Q -> Cast -> Gather(constant table) -> DQ``: a table from one tensor's codes to another's (aligned points)."""
+    if cast.op_type != "Cast":
+        return False
+    users = ix.consumers.get(cast.output[0], [])
+    if len(users) != 1 or users[0].op_type != "Gather" or not ix.is_constant(users[0].input[0]):
+        return False
+    return all(c.op_type == DQ for c in ix.consumers.get(users[0].output[0], []))
+
+
+@register_rule("trt-no-lookup", ("tensorrt",), "TensorRT: no integer code lookup (Gather on Q codes)")
+def rule_trt_no_lookup(model: onnx.ModelProto, ix: GraphIndex) -> list[Violation]:
+    return [Violation("trt-no-lookup", ix.label(q), "a table lookup on Q codes (Gather of a uint8 table) is not "
+                      "TensorRT's explicit-quantization form; export aligned points with --erf-encoding erf")
+            for q in _qdq(ix) if q.op_type == Q and any(_code_lookup(ix, c) for c in ix.consumers.get(q.output[0], []))]
+
+
+@register_rule("qdq-pair", ALL, "a Q feeds only DQ nodes with the same scale, zero point and axis (or a code lookup)")
 def rule_qdq_pair(model: onnx.ModelProto, ix: GraphIndex) -> list[Violation]:
     out = []
     for q in _qdq(ix):
@@ -355,6 +372,8 @@ def rule_qdq_pair(model: onnx.ModelProto, ix: GraphIndex) -> list[Violation]:
             out.append(Violation("qdq-pair", ix.label(q), "Q output is a graph output: follow it with a DQ"))
         s, (zp, _) = _scale(ix, q), _zp(ix, q)
         for c in ix.consumers.get(q.output[0], []):
+            if _code_lookup(ix, c):
+                continue
             if c.op_type == "Clip" and ix.target != "tensorrt":
                 continue  # a low-bit clip of the codes: the code-clip rule checks it and its DQs
             if c.op_type != DQ:

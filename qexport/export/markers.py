@@ -28,6 +28,7 @@ def _marker(op: str, attr: str) -> type:
 
 
 _ActMarker = _marker("ActQDQ", "point")
+_AlignedMarker = _marker("AlignedActQDQ", "point")
 _WeightMarker = _marker("WeightDQ", "layer")
 _BiasMarker = _marker("BiasDQ", "layer")
 
@@ -35,6 +36,11 @@ _BiasMarker = _marker("BiasDQ", "layer")
 def act_marker(x: torch.Tensor, name: str) -> torch.Tensor:
     """Identity that marks activation point ``name`` in the exported graph."""
     return _ActMarker.apply(x, name)
+
+
+def aligned_marker(x: torch.Tensor, name: str) -> torch.Tensor:
+    """Identity that marks aligned (erf) activation point ``name`` in the exported graph."""
+    return _AlignedMarker.apply(x, name)
 
 
 def weight_marker(w: torch.Tensor, name: str) -> torch.Tensor:

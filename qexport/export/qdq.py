@@ -35,10 +35,12 @@ from qexport.errors import QexportError
 from qexport.export.markers import DOMAIN
 from qexport.fileio import atomic_file, check_output_free
 from qexport.quant.plan import TARGETS
+from qexport.quant.quantsim import aq_module_name
 from qexport.quant.spec import QuantSpec
 from qexport.recipe import QuantRecipe
 
 DEFAULT_OPSET = 17
+ERF_ENCODINGS = ("erf", "lookup")  # how aligned (AlignQ) activation points are written; see _GraphEditor._aligned
 CODE_CLIP_TARGETS = ("onnxruntime",)  # low-bit Clip on the integer codes (else on the float values before Q)
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 
@@ -126,8 +128,9 @@ def _exact_clip_bound(level: int, scale: np.float32, upper: bool) -> np.float32:
 class _GraphEditor:
     """Rewrites marker nodes into Q/DQ nodes and integer initializers."""
 
-    def __init__(self, model: onnx.ModelProto, recipe: QuantRecipe, target: str):
+    def __init__(self, model: onnx.ModelProto, recipe: QuantRecipe, target: str, erf_encoding: str = "erf"):
         self.model, self.recipe, self.target = model, recipe, target
+        self.erf_encoding = erf_encoding
         self.graph = model.graph
         self.new_inits: list[TensorProto] = []
         self.inits = {t.name: t for t in self.graph.initializer}
@@ -169,6 +172,41 @@ class _GraphEditor:
         nodes.append(helper.make_node("DequantizeLinear", [f"{point}.q", s_name, z_name], [out], name=f"{point}.DQ"))
         return nodes
 
+    def _aligned(self, node: onnx.NodeProto, point: str) -> list[onnx.NodeProto]:
+        """An aligned point: incoming Q, then ``Erf`` between DQ and the outgoing Q, or a table of codes."""
+        from qexport.quant.aligned import INV_SQRT2, lookup_table
+
+        ap = self.plan_acts[point]
+        s_in = np.float32(self.recipe.sim_state[f"gm.{aq_module_name(point)}.in_scale"])
+        s_out = np.float32(self.recipe.act_scales[point])
+        (t_in, zp_in, _), (t_out, zp_out, _) = act_encoding(ap.in_spec, self.target), act_encoding(ap.spec, self.target)
+        npt = lambda t: np.uint8 if t == TensorProto.UINT8 else np.int8  # noqa: E731
+        si = self._const(f"{point}.in_scale", np.array(s_in, dtype=np.float32))
+        zi = self._const(f"{point}.in_zero_point", np.array(zp_in, dtype=npt(t_in)))
+        so = self._const(f"{point}.act_scale", np.array(s_out, dtype=np.float32))
+        zo = self._const(f"{point}.act_zero_point", np.array(zp_out, dtype=npt(t_out)))
+        p = point
+        nodes = [helper.make_node("QuantizeLinear", [node.input[0], si, zi], [f"{p}.in_q"], name=f"{p}.in_Q")]
+        if self.erf_encoding == "lookup":
+            table = lookup_table(float(s_in), ap.in_spec, ap.gain, float(s_out), ap.spec) + zp_out
+            tab = self._const(f"{p}.lookup", table.astype(npt(t_out)))
+            offset = ap.in_spec.qmin - (-zp_in)  # index = code - in_qmin, the uint8 code itself when zp_in = 0
+            if offset != 0 or t_in != TensorProto.UINT8:
+                raise QexportError(f"aligned point {point}: the lookup encoding needs uint8 incoming codes; "
+                                   f"export for {self.target} with --erf-encoding erf")
+            nodes += [helper.make_node("Cast", [f"{p}.in_q"], [f"{p}.in_index"], name=f"{p}.Cast", to=TensorProto.INT32),
+                      helper.make_node("Gather", [tab, f"{p}.in_index"], [f"{p}.q"], name=f"{p}.Lookup", axis=0)]
+        else:
+            c = self._const(f"{p}.inv_sqrt2", np.array(INV_SQRT2, dtype=np.float32))
+            g = self._const(f"{p}.gain", np.array(np.float32(ap.gain), dtype=np.float32))
+            nodes += [helper.make_node("DequantizeLinear", [f"{p}.in_q", si, zi], [f"{p}.in_dq"], name=f"{p}.in_DQ"),
+                      helper.make_node("Mul", [f"{p}.in_dq", c], [f"{p}.scaled"], name=f"{p}.Mul"),
+                      helper.make_node("Erf", [f"{p}.scaled"], [f"{p}.erf"], name=f"{p}.Erf"),
+                      helper.make_node("Mul", [f"{p}.erf", g], [f"{p}.aligned"], name=f"{p}.Gain"),
+                      helper.make_node("QuantizeLinear", [f"{p}.aligned", so, zo], [f"{p}.q"], name=f"{p}.Q")]
+        nodes.append(helper.make_node("DequantizeLinear", [f"{p}.q", so, zo], [node.output[0]], name=f"{p}.DQ"))
+        return nodes
+
     def _weight(self, node: onnx.NodeProto, layer: str) -> list[onnx.NodeProto]:
         q = self.recipe.int_weights[layer].numpy().astype(np.int8)
         s = self.recipe.weight_scales[layer].numpy().astype(np.float32)
@@ -203,6 +241,8 @@ class _GraphEditor:
             attr = {a.name: a.s.decode() for a in node.attribute}
             if node.op_type == "ActQDQ":
                 out_nodes += self._act(node, attr["point"])
+            elif node.op_type == "AlignedActQDQ":
+                out_nodes += self._aligned(node, attr["point"])
             elif node.op_type == "WeightDQ":
                 out_nodes += self._weight(node, attr["layer"])
             elif node.op_type == "BiasDQ":
@@ -276,7 +316,8 @@ def recipe_fingerprint(recipe_dir: str | Path) -> str:
     return h.hexdigest()
 
 
-def build_qdq_model(recipe: QuantRecipe, target: str, opset: int = DEFAULT_OPSET, meta: dict | None = None) -> onnx.ModelProto:
+def build_qdq_model(recipe: QuantRecipe, target: str, opset: int = DEFAULT_OPSET, meta: dict | None = None,
+                    erf_encoding: str = "erf") -> onnx.ModelProto:
     """The QDQ ONNX model of a recipe for a target (in memory).
 
     Args:
@@ -284,6 +325,8 @@ def build_qdq_model(recipe: QuantRecipe, target: str, opset: int = DEFAULT_OPSET
         target: ``onnxruntime``, ``tensorrt`` or ``openvino``.
         opset: ONNX opset (>= 13).
         meta: extra metadata_props.
+        erf_encoding: aligned activation points as ``erf`` (DQ -> Mul -> Erf -> Mul -> Q) or ``lookup`` (the
+            table from incoming to outgoing codes: Q -> Cast -> Gather -> DQ; onnxruntime/openvino only).
 
     Returns:
         The validated ONNX model.
@@ -292,14 +335,20 @@ def build_qdq_model(recipe: QuantRecipe, target: str, opset: int = DEFAULT_OPSET
         raise QexportError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     if opset < 13:
         raise QexportError(f"--opset {opset} is too old: per-channel Q/DQ needs opset 13 or newer")
+    if erf_encoding not in ERF_ENCODINGS:
+        raise QexportError(f"--erf-encoding {erf_encoding!r} is not one of {', '.join(ERF_ENCODINGS)}")
     for ap in recipe.plan.activations:  # fail before tracing when the target cannot hold a grid
         act_encoding(ap.spec, target)
+        if ap.kind == "erf":
+            _check_aligned_target(ap, target, erf_encoding)
     sim = recipe.build_quantsim()
     with sim.export_mode(), torch.no_grad():
         model = _trace_to_onnx(sim, recipe.model.input_shape, opset)
-    model = _GraphEditor(model, recipe, target).rewrite()
+    model = _GraphEditor(model, recipe, target, erf_encoding).rewrite()
     info = {"qexport.kind": "qdq", "qexport.target": target, "qexport.bits": recipe.plan.bits.label,
             "qexport.model": recipe.model.spec, "qexport.method": recipe.provenance.get("method", "")}
+    if any(ap.kind == "erf" for ap in recipe.plan.activations):
+        info["qexport.erf_encoding"] = erf_encoding
     if recipe.plan.float_layers:
         info["qexport.float_layers"] = ",".join(recipe.plan.float_layers)
     if recipe.plan.float_layers or recipe.plan.bits.act_bits is None:
@@ -307,6 +356,18 @@ def build_qdq_model(recipe: QuantRecipe, target: str, opset: int = DEFAULT_OPSET
         info["qexport.float_nodes"] = ",".join(float_node_names(model, recipe.plan.bits.act_bits is None))
     info.update(meta or {})
     return _finish(model, info)
+
+
+def _check_aligned_target(ap, target: str, erf_encoding: str) -> None:
+    """Refuse targets whose runtime cannot run an aligned point (before anything is traced or written)."""
+    from qexport.quant.aligned import ERF_TARGETS
+
+    if target not in ERF_TARGETS:
+        raise QexportError(f"the recipe has aligned (Erf) activations, which target {target!r} cannot run; "
+                           f"export for one of {', '.join(ERF_TARGETS)}")
+    act_encoding(ap.in_spec, target)
+    if erf_encoding == "lookup" and target == "tensorrt":
+        raise QexportError("TensorRT takes no integer code lookup (Gather on Q codes); export with --erf-encoding erf")
 
 
 def build_fp32_model(recipe: QuantRecipe, opset: int = DEFAULT_OPSET, meta: dict | None = None) -> onnx.ModelProto:
@@ -348,7 +409,7 @@ def save_onnx(model: onnx.ModelProto, path: str | Path, force: bool) -> Path:
 
 
 def export_recipe(recipe_dir: str | Path, target: str, out: str | Path, *, force: bool = False,
-                  opset: int = DEFAULT_OPSET, check: bool = True) -> tuple[Path, Path, list]:
+                  opset: int = DEFAULT_OPSET, check: bool = True, erf_encoding: str = "erf") -> tuple[Path, Path, list]:
     """Export a recipe folder for a target: the QDQ file and the FP32 baseline beside it.
 
     Args:
@@ -358,6 +419,7 @@ def export_recipe(recipe_dir: str | Path, target: str, out: str | Path, *, force
         force: overwrite existing files.
         opset: ONNX opset.
         check: run the target-rule checker first and refuse to write a file that breaks a rule.
+        erf_encoding: how aligned activation points are written (``erf`` or ``lookup``, see build_qdq_model).
 
     Returns:
         (QDQ path, FP32 path, list of checker violations found).
@@ -368,7 +430,7 @@ def export_recipe(recipe_dir: str | Path, target: str, out: str | Path, *, force
     check_output_free(fp32_out, force)
     recipe = QuantRecipe.load(recipe_dir)
     meta = {"qexport.recipe_sha256": recipe_fingerprint(recipe_dir)}
-    qdq = build_qdq_model(recipe, target, opset, meta)
+    qdq = build_qdq_model(recipe, target, opset, meta, erf_encoding)
     violations = []
     if check:
         from qexport.export.check import check_model

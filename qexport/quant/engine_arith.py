@@ -253,7 +253,7 @@ class OrtIntegerArithmetic:
             if user not in aq_of:
                 return None
         aq = aq_of[user]
-        zp, _ = ort_encoding(aq.spec)
+        zp, _ = ort_encoding(aq.incoming()[1])  # an aligned point's incoming codes are the kernel's output
         if via_relu and zp != 0:  # ORT drops a Relu only before zero point 0
             return None
         return aq
@@ -293,9 +293,10 @@ class OrtIntegerArithmetic:
             acc = acc + qb.to(torch.float64).view(shape)
         if out_aq is None:  # QGemm with a float output
             return acc.to(torch.float32) * bias_scale.view(shape)
-        s_out = out_aq.scale.detach().to(torch.float32)
-        zp, _ = ort_encoding(out_aq.spec)
-        return clamp_to_grid(requantize_levels(acc, (bias_scale / s_out).view(shape), zp), out_aq.spec) * s_out
+        s_out, out_spec = out_aq.incoming()  # an aligned point's incoming codes are the kernel's output
+        s_out = s_out.detach().to(torch.float32)
+        zp, _ = ort_encoding(out_spec)
+        return clamp_to_grid(requantize_levels(acc, (bias_scale / s_out).view(shape), zp), out_spec) * s_out
 
     def add(self, node: fx.Node, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
         """QLinearAdd of a fused residual add; None when a quantizer is off.

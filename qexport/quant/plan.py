@@ -15,6 +15,7 @@ tensor: every consumer of that tensor sees the quantized value, in QuantSim and 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from torch import fx
@@ -25,6 +26,7 @@ from qexport.quant.spec import BitsConfig, QuantSpec, activation_spec, weight_sp
 
 TARGETS = ("onnxruntime", "tensorrt", "openvino")
 PLAN_VERSION = 1
+ACT_KINDS = ("linear", "erf")
 FUSION_TARGETS = ("onnxruntime",)  # targets whose plan adds the fusion points (module docstring)
 FUSION_BITS = 8
 
@@ -53,20 +55,40 @@ class ActPoint:
     ``role`` is why it exists (``input`` of a layer, ``residual`` Add input, ``fusion`` for the runtime).
     ``share_scale_with`` names a point whose scale this one reuses: its tensor is the other's moved by
     slicing/padding/pooling-max, so sharing the scale makes the second quantization exact (no double rounding).
+
+    ``kind`` is ``"linear"`` (quantize the tensor) or ``"erf"`` (an aligned activation, AlignQ): the
+    non-negative tensor is first quantized on ``in_spec`` (8-bit codes, fixed scale), then mapped through
+    ``gain * erf(x / sqrt 2)`` and quantized on ``spec`` with scale ``gain / spec.qmax``. The value consumers see
+    is that second quantization; see qexport/quant/aligned.py.
     """
 
     name: str
     spec: QuantSpec
     role: str
     share_scale_with: str | None = None
+    kind: str = "linear"
+    gain: float = 0.0
+    in_spec: QuantSpec | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ACT_KINDS:
+            raise QexportError(f"activation point {self.name!r}: unknown kind {self.kind!r} ({', '.join(ACT_KINDS)})")
+        if self.kind == "erf" and (self.in_spec is None or not self.gain > 0 or self.spec.signed):
+            raise QexportError(f"aligned activation point {self.name!r} needs an unsigned grid, an input grid "
+                               "and a positive gain")
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "spec": self.spec.to_dict(), "role": self.role,
-                "share_scale_with": self.share_scale_with}
+        d = {"name": self.name, "spec": self.spec.to_dict(), "role": self.role,
+             "share_scale_with": self.share_scale_with}
+        if self.kind != "linear":  # linear points keep the original layout
+            d.update(kind=self.kind, gain=self.gain, in_spec=self.in_spec.to_dict())
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "ActPoint":
-        return cls(d["name"], QuantSpec.from_dict(d["spec"]), d["role"], d.get("share_scale_with"))
+        in_spec = QuantSpec.from_dict(d["in_spec"]) if d.get("in_spec") else None
+        return cls(d["name"], QuantSpec.from_dict(d["spec"]), d["role"], d.get("share_scale_with"),
+                   d.get("kind", "linear"), float(d.get("gain", 0.0)), in_spec)
 
 
 @dataclass(frozen=True)
@@ -241,5 +263,5 @@ def build_plan(gm: fx.GraphModule, target: str, bits: BitsConfig, keep_float: tu
             ap = acts[node.name]
             src = _moved_from(gm, node)
             share = src.name if src is not node and src.name in acts and acts[src.name].spec == ap.spec else None
-            ordered.append(ActPoint(ap.name, ap.spec, ap.role, share))
+            ordered.append(dataclasses.replace(ap, share_scale_with=share))
     return QuantPlan(target, bits, tuple(layers), tuple(ordered), tuple(keep_float))

@@ -24,6 +24,10 @@ from qexport.quant.spec import QuantSpec
 class ActQuantizer(nn.Module):
     """Per-tensor activation fake-quantizer with an optional observer hook.
 
+    A point of kind ``erf`` (AlignQ, qexport/quant/aligned.py) quantizes its tensor on ``in_spec`` with the fixed
+    ``in_scale`` (a buffer: saved in the recipe), maps it through ``gain * erf(x / sqrt 2)`` and quantizes that
+    with ``scale`` (``gain / spec.qmax``). ``scale`` is always the scale of the values consumers see.
+
     Args:
         point: the plan entry.
     """
@@ -32,24 +36,50 @@ class ActQuantizer(nn.Module):
         super().__init__()
         self.point_name = point.name
         self.spec = point.spec
+        self.kind = point.kind
         self.scale = nn.Parameter(torch.tensor(1.0), requires_grad=False)
         self.enabled = True
         self.observer: Callable[[torch.Tensor], None] | None = None
         self.export_mode = False
+        if self.kind == "erf":
+            from qexport.quant.aligned import default_in_scale
+
+            self.gain, self.in_spec = point.gain, point.in_spec
+            self.register_buffer("in_scale", torch.tensor(default_in_scale(point.spec, point.in_spec)))
+            with torch.no_grad():
+                self.scale.fill_(float(torch.tensor(point.gain / point.spec.qmax, dtype=torch.float32)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observer is not None:
             self.observer(x)
         if self.export_mode:
-            from qexport.export.markers import act_marker
+            from qexport.export.markers import act_marker, aligned_marker
 
-            return act_marker(x, self.point_name)
+            return aligned_marker(x, self.point_name) if self.kind == "erf" else act_marker(x, self.point_name)
+        if self.kind == "erf":
+            from qexport.quant.aligned import aligned_float, aligned_forward
+
+            if not self.enabled:
+                return aligned_float(x, self.gain)
+            # Both grids are fixed (gain / n, saturation / 255): a trainer learning step sizes leaves them alone.
+            return aligned_forward(x, self.in_scale, self.in_spec, self.gain, self.scale.detach(), self.spec)
         if not self.enabled:
             return x
         return fake_quant(x, self.scale, self.spec.qmin, self.spec.qmax)
 
+    def incoming(self) -> tuple[torch.Tensor, QuantSpec]:
+        """(scale, grid) of the codes the producer of this tensor writes (the fused output of the layer before).
+
+        Returns:
+            ``(in_scale, in_spec)`` for an aligned point, else ``(scale, spec)``.
+        """
+        if self.kind == "erf":
+            return self.in_scale, self.in_spec
+        return self.scale, self.spec
+
     def extra_repr(self) -> str:
-        return f"{self.point_name}, bits={self.spec.bits}, signed={self.spec.signed}"
+        extra = f", erf gain={self.gain}" if self.kind == "erf" else ""
+        return f"{self.point_name}, bits={self.spec.bits}, signed={self.spec.signed}{extra}"
 
 
 class WeightQuantizer(nn.Module):

@@ -22,6 +22,8 @@ class VerifyConfig:
         engine: engine folder.
         recipe: recipe folder the engine was exported from.
         data: image folder (labelled for top-1).
+        more_data: further image folders (e.g. corrupted copies from ``qexport corrupt``), each evaluated the
+            same way and reported in ``data_sets``, with the mean over them in ``more_data_mean``.
         report: report folder (default ``<engine>.report`` beside the engine).
         num_samples: images used (None: all), a seeded subset.
         seed: subset seed.
@@ -51,6 +53,7 @@ class VerifyConfig:
     quiet: bool = False
     divergence: bool = True
     extra: dict = field(default_factory=dict)
+    more_data: tuple[Path, ...] = ()
 
 
 def report_dir_for(engine: Path) -> Path:
@@ -77,7 +80,7 @@ def verify(cfg: VerifyConfig) -> tuple[dict, Path]:
     Returns:
         (the report dictionary, the report folder). ``report["passed"]`` is False when a threshold failed.
     """
-    from qexport.data import ImageFolder, iter_batches, subset_indices
+    from qexport.data import ImageFolder, subset_indices
     from qexport.models import Preprocess
     from qexport.quant.layer_bits import layer_widths
     from qexport.recipe import QuantRecipe
@@ -88,8 +91,11 @@ def verify(cfg: VerifyConfig) -> tuple[dict, Path]:
     meta = read_engine_meta(cfg.engine, which="int8")
     recipe = QuantRecipe.load(cfg.recipe)
     _check_engine_matches_recipe(meta, Path(cfg.engine), Path(cfg.recipe))
-    ds = ImageFolder(cfg.data, Preprocess.from_dict(recipe.model.preprocess))
-    ds.validate()
+    pre = Preprocess.from_dict(recipe.model.preprocess)
+    folders = [ImageFolder(d, pre) for d in (cfg.data, *cfg.more_data)]
+    for f in folders:
+        f.validate()
+    ds = folders[0]
     idx = subset_indices(len(ds), cfg.num_samples, cfg.seed)
     engine = load_engine(cfg.engine, "int8", cfg.threads)
     fp32_engine = load_engine(cfg.engine, "fp32", cfg.threads) if meta["models"].get("fp32") else None
@@ -101,24 +107,14 @@ def verify(cfg: VerifyConfig) -> tuple[dict, Path]:
     if _engine_arithmetic_applies(meta, recipe):
         float_sim = sim
         sim = recipe.build_quantsim(folded).set_exact_accumulation(True).set_engine_arithmetic("onnxruntime")
-
-    logits = {"fp32": [], "quantsim": [], "engine": [], "fp32_engine": [], "quantsim_float": []}
-    labels = []
-    with torch.no_grad(), progress_bar((len(idx) + cfg.batch_size - 1) // cfg.batch_size, "verify", cfg.quiet) as bar:
-        for x, y in iter_batches(ds, cfg.batch_size, idx):
-            logits["fp32"].append(folded(x).numpy())
-            logits["quantsim"].append(sim(x).numpy())
-            if float_sim is not None:
-                logits["quantsim_float"].append(float_sim(x).numpy())
-            xn = x.numpy().astype(np.float32)
-            logits["engine"].append(engine.infer(xn))
-            if fp32_engine is not None:
-                logits["fp32_engine"].append(fp32_engine.infer(xn))
-            labels.append(y.numpy())
-            bar.advance(1)
-    L = {k: np.concatenate(v) for k, v in logits.items() if v}
-    y = np.concatenate(labels)
-    accuracy = accuracy_metrics(L, y if ds.labelled else None)
+    models = {"fp32": folded, "quantsim": sim, "quantsim_float": float_sim, "engine": engine.infer,
+              "fp32_engine": fp32_engine.infer if fp32_engine is not None else None}
+    accuracy = _evaluate(ds, idx, models, cfg)
+    data_sets = []
+    for f in folders[1:]:
+        f_idx = subset_indices(len(f), cfg.num_samples, cfg.seed)
+        data_sets.append({"path": str(f.root), "count": len(f_idx), "labelled": f.labelled,
+                          "accuracy": _evaluate(f, f_idx, models, cfg)})
     report = {
         "recipe": {"path": str(cfg.recipe), "model": recipe.model.spec, "bits": recipe.plan.bits.label,
                    "method": recipe.provenance.get("method"), "plan_target": recipe.plan.target},
@@ -131,6 +127,13 @@ def verify(cfg: VerifyConfig) -> tuple[dict, Path]:
         "latency": benchmark_engines(engine, fp32_engine, cfg.bench_batch_sizes, cfg.bench_iters),
     }
     report["checks"] = threshold_checks(accuracy, cfg.max_drop, cfg.min_agreement)
+    if data_sets:
+        report["data_sets"] = [{"path": str(cfg.data), "count": int(len(idx)), "labelled": ds.labelled,
+                                "accuracy": accuracy}] + data_sets
+        report["more_data_mean"] = _mean_accuracy([d["accuracy"] for d in data_sets])
+        for d in data_sets:
+            for c in threshold_checks(d["accuracy"], cfg.max_drop, cfg.min_agreement):
+                report["checks"].append({**c, "name": f"{c['name']} on {Path(d['path']).name}"})
     report["passed"] = all(c["passed"] for c in report["checks"])
     if cfg.divergence and not report["passed"]:
         try:
@@ -144,6 +147,42 @@ def verify(cfg: VerifyConfig) -> tuple[dict, Path]:
     with atomic_dir(out, force=cfg.force) as tmp:
         write_report(report, tmp)
     return report, out
+
+
+def _evaluate(ds, idx: list[int], models: dict, cfg: VerifyConfig) -> dict:
+    """Logits of every model on one image folder, then :func:`accuracy_metrics`.
+
+    Args:
+        ds: the ImageFolder.
+        idx: which images.
+        models: name -> callable (torch modules take tensors, engines numpy arrays) or None.
+        cfg: options (batch size, quiet).
+
+    Returns:
+        The accuracy metrics of that folder.
+    """
+    from qexport.data import iter_batches
+
+    logits = {k: [] for k, m in models.items() if m is not None}
+    labels = []
+    steps = (len(idx) + cfg.batch_size - 1) // cfg.batch_size
+    with torch.no_grad(), progress_bar(steps, f"verify {Path(ds.root).name}", cfg.quiet) as bar:
+        for x, y in iter_batches(ds, cfg.batch_size, idx):
+            xn = x.numpy().astype(np.float32)
+            for k in logits:
+                out = models[k](xn) if k in ("engine", "fp32_engine") else models[k](x).numpy()
+                logits[k].append(out)
+            labels.append(y.numpy())
+            bar.advance(1)
+    L = {k: np.concatenate(v) for k, v in logits.items() if v}
+    y = np.concatenate(labels)
+    return accuracy_metrics(L, y if ds.labelled else None)
+
+
+def _mean_accuracy(rows: list[dict]) -> dict:
+    """Mean of every numeric metric present in all rows (e.g. top-1 over corruptions)."""
+    keys = [k for k, v in rows[0].items() if isinstance(v, (int, float)) and all(k in r for r in rows)]
+    return {k: float(np.mean([r[k] for r in rows])) for k in keys}
 
 
 def _engine_arithmetic_applies(meta: dict, recipe) -> bool:

@@ -122,7 +122,8 @@ def _sim_codes(sim, x: torch.Tensor) -> tuple[dict[str, np.ndarray], np.ndarray]
     for name, aq in sim.act_quantizers().items():
         def hook(mod, inp, out, name=name, aq=aq):
             if aq.enabled:
-                codes[name] = torch.clamp(torch.round(inp[0] / aq.scale), aq.spec.qmin, aq.spec.qmax).numpy()
+                # The output's codes: for an aligned (erf) point these are the outgoing codes, not its input's.
+                codes[name] = torch.clamp(torch.round(out / aq.scale), aq.spec.qmin, aq.spec.qmax).numpy()
         handles.append(aq.register_forward_hook(hook))
     try:
         with torch.no_grad():

@@ -61,6 +61,18 @@ def render_markdown(report: dict) -> str:
                      f"max {a['logit_abs_diff_max_vs_quantsim_float']:.4g}.")
     if a.get("top1_drop_points") is not None:
         lines.append(f"Top-1 drop of the engine vs FP32: {a['top1_drop_points']:.2f} points.")
+    sets = report.get("data_sets") or []
+    if sets:
+        lines += ["", "## Each image folder", "", "| folder | images | FP32 top-1 | QuantSim top-1 | engine top-1 | "
+                  "drop (points) | engine vs QuantSim |", "|---|---|---|---|---|---|---|"]
+        mean = report.get("more_data_mean") or {}
+        for d in sets + ([{"path": "mean over the folders after the first", "count": "", "accuracy": mean}]
+                         if mean else []):
+            acc = d["accuracy"]
+            drop = f"{acc['top1_drop_points']:.2f}" if acc.get("top1_drop_points") is not None else "-"
+            lines.append(f"| `{d['path']}` | {d['count']} | {_pct(acc.get('fp32_top1'))} | "
+                         f"{_pct(acc.get('quantsim_top1'))} | {_pct(acc.get('engine_top1'))} | {drop} | "
+                         f"{_pct(acc.get('engine_vs_quantsim_agreement'))} |")
     lat = report.get("latency") or []
     if lat:
         lines += ["", f"## Latency ({report['engine']['target']}, {report['engine']['threads']} threads, same run)", "",
@@ -128,6 +140,14 @@ def print_report(report: dict) -> None:
     t.add_row("INT8 engine", _pct(a.get("engine_top1")), _pct(a["engine_vs_quantsim_agreement"]))
     console = Console()
     console.print(t)
+    for d in report.get("data_sets") or []:
+        acc = d["accuracy"]
+        console.print(f"{d['path']}: engine top-1 {_pct(acc.get('engine_top1'))}, FP32 {_pct(acc.get('fp32_top1'))}, "
+                      f"agreement {_pct(acc.get('engine_vs_quantsim_agreement'))}")
+    if report.get("more_data_mean"):
+        m = report["more_data_mean"]
+        console.print(f"mean over the folders after the first: engine top-1 {_pct(m.get('engine_top1'))}, "
+                      f"FP32 {_pct(m.get('fp32_top1'))}, agreement {_pct(m.get('engine_vs_quantsim_agreement'))}")
     if report.get("quantsim_arithmetic"):
         msg = f"QuantSim arithmetic: {report['quantsim_arithmetic']}"
         if a.get("engine_vs_quantsim_float_agreement") is not None:

@@ -89,3 +89,38 @@ def conv3d_net() -> Conv3dNet:
 def not_a_model() -> int:
     """A factory that returns something other than an nn.Module."""
     return 3
+
+
+class TinyBNNet(nn.Module):
+    """conv-BN-ReLU everywhere (what activation alignment needs), a residual pair, pool, linear: 3x16x16 -> 4."""
+
+    qexport_preprocess = PREPROCESS
+
+    def __init__(self, num_classes: int = 4):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.conv3 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        y = F.relu(self.bn2(self.conv2(x)))
+        x = F.relu(self.bn3(self.conv3(y)) + x)
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def tiny_bn_net(num_classes: int = 4) -> TinyBNNet:
+    """Factory ``tests_support.models:tiny_bn_net`` (seeded weights, non-trivial BN statistics)."""
+    torch.manual_seed(0)
+    net = TinyBNNet(num_classes)
+    with torch.no_grad():
+        for bn in (net.bn1, net.bn2, net.bn3):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.3, 0.3)
+    return net.eval()
