@@ -36,16 +36,17 @@ def main() -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--iters", type=int, default=4, help="rounding iterations per block")
     ap.add_argument("--synth-iters", type=int, default=4, help="synthesis iterations per resolution")
+    ap.add_argument("--num-images", type=int, default=64, help="calibration images (random)")
     args = ap.parse_args()
     m = load_model(args.model, None)
     folded = fold_batchnorm(m.model)
     sim = QuantSim(folded, build_plan(folded, "onnxruntime", BitsConfig.parse("w4a4")))
-    data = torch.rand(64, *m.input_shape)
+    data = torch.rand(args.num_images, *m.input_shape, generator=torch.Generator().manual_seed(0))
     c0 = _cpu()
     metrics = calibrate_brecq(CalibrationContext(sim=sim, folded=folded, model=m, data=data, labels=None,
                                                  device=args.device, quiet=True),
                               BrecqConfig(iters=args.iters, act_iters=args.iters, batch_size=32))
-    blocks = [{"block": b["block"], "s_per_iter": round(b["seconds"] / (b["iters"] + b["act_iters"]), 3)}
+    blocks = [{"block": b["block"], "s_per_iter": round(b["loop_seconds"] / (b["iters"] + b["act_iters"]), 3)}
               for b in metrics["block_metrics"]]
     brecq_cpu = _cpu() - c0
     zoo = load_zoo(m, args.model, [], args.device)

@@ -1,7 +1,7 @@
 """INT8 engine speed on the CPU: qexport's ONNX Runtime engines at W8A8/W4A8/W4A4/W3A3 vs the FP32 engine and
 vs ORT's own quantizer.
 
-One run, one process, everything timed interleaved (``qexport.verify.latency.interleaved_compare``), so the
+One run, one process, everything timed interleaved (``qexport.latency.interleaved_compare``), so the
 ratios printed at the end are the figures (absolute times on a shared 2-core machine are noisy):
 
 - ``resnet18``: torchvision ResNet-18, random weights, 1x3x224x224, batch 1. qexport ``minmax`` at each

@@ -1,6 +1,6 @@
 """OpenVINO INT8 engine speed vs ONNX Runtime INT8 and vs OpenVINO's own FP engine (issue 6).
 
-One run, one process, all engines timed interleaved (``qexport.verify.latency.interleaved_compare``), 2 threads,
+One run, one process, all engines timed interleaved (``qexport.latency.interleaved_compare``), 2 threads,
 batch 1, torchvision ResNet-18 (random weights) at 1x3x224x224. Calibration is ``minmax`` W8A8 for target
 ``openvino`` on 64 seeded synthetic PNGs (a timing benchmark: only the ranges matter). The very same QDQ file is
 built as an ``openvino`` engine (INT8 compiled with ``INFERENCE_PRECISION_HINT=f32``, the parity setting; its FP
@@ -84,7 +84,7 @@ def _ov_default_precision_runner(engine: Path, threads: int):
 def time_engines(built: dict, threads: int, iters: int) -> dict:
     """Interleaved batch-1 timing of every engine; returns the stats and the ratios."""
     from qexport.runtimes import load_engine
-    from qexport.verify.latency import interleaved_compare
+    from qexport.latency import interleaved_compare
 
     runners = {"ov_int8": load_engine(built["ov_engine"], "int8", threads),
                "ov_fp": load_engine(built["ov_engine"], "fp32", threads),

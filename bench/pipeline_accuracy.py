@@ -47,9 +47,8 @@ def main(argv: list[str] | None = None) -> int:
                 method, bits = conf.split(":")
                 t0 = time.time()
                 run = Path(tmp) / f"r{depth}-{method}-{bits}"
-                plan_target = "onnxruntime" if args.target == "openvino" else args.target
                 recipe = calibrate(CalibrateConfig(model=f"cifar:resnet{depth}", weights=str(ckpt), output=run / "recipe",
-                                                   method=method, bits=bits, target=plan_target, data=str(train),
+                                                   method=method, bits=bits, target=args.target, data=str(train),
                                                    num_samples=args.num_samples, quiet=True))
                 qdq, _, _ = export_recipe(recipe, args.target, run / "model.onnx")
                 engine = build_engine_folder(qdq, run / "engine", args.target)

@@ -42,6 +42,7 @@ def build_engine_folder(onnx_path: Path, output: Path, target: str, *, fp32: Pat
     """
     from qexport.export.qdq import fp32_path_for
     from qexport.fileio import check_output_free
+    from qexport.quant.targets import get_target
     from qexport.runtimes import get_runtime
 
     onnx_path = Path(onnx_path)
@@ -53,8 +54,7 @@ def build_engine_folder(onnx_path: Path, output: Path, target: str, *, fp32: Pat
     made_for = meta.get("qexport.target")
     if meta.get("qexport.kind") == "fp32":
         raise QexportError(f"{onnx_path} is the FP32 baseline; pass the QDQ file that `qexport export` wrote")
-    compatible = {made_for, "openvino"} if made_for == "onnxruntime" else {made_for}
-    if made_for and target not in compatible:
+    if made_for and target not in get_target(made_for).runtimes:
         raise QexportError(f"{onnx_path} was exported for {made_for}, not {target}; "
                            f"run `qexport export RECIPE --target {target}` first")
     if fp32 is None:

@@ -5,13 +5,19 @@ Export, engine building and verification live in ``qexport.export``, ``qexport.r
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
+from qexport.device import resolve_device, work_dir_for  # noqa: F401  (part of this module's API)
 from qexport.errors import QexportError
 from qexport.fileio import atomic_dir, check_output_free
 from qexport.progress import progress_bar
@@ -41,6 +47,7 @@ class CalibrateConfig:
         resume: continue an interrupted run from its checkpoint.
         quiet: no progress bars.
         options: method options (validated by the method's config).
+        extras: passed to the calibrator as ``ctx.extras`` (benches and tests: hooks such as ``qat_on_epoch``).
         layer_bits: ``NAME=wNaM`` per-layer widths on top of ``bits`` (mixed precision).
         auto_bits: with ``bits="auto"``: the budget per-layer widths are chosen for (qexport/mixed/allocate.py).
     """
@@ -64,24 +71,9 @@ class CalibrateConfig:
     resume: bool = False
     quiet: bool = False
     options: dict = field(default_factory=dict)
+    extras: dict = field(default_factory=dict)
     layer_bits: tuple[str, ...] = ()
     auto_bits: object | None = None
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when a GPU is available, else ``cpu``; validates explicit choices."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise QexportError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise QexportError(f"--device {device!r} is not understood; use auto, cpu or cuda")
-    return device
-
-
-def work_dir_for(output: Path) -> Path:
-    """Persistent checkpoint folder of a run writing ``output`` (kept on interrupt, removed on success)."""
-    return output.with_name(f".{output.name}.work")
 
 
 def calibrate(cfg: CalibrateConfig) -> Path:
@@ -94,7 +86,8 @@ def calibrate(cfg: CalibrateConfig) -> Path:
         The recipe folder.
     """
     from qexport.calibrators import get_calibrator
-    from qexport.calibrators.base import CalibrationContext, config_from_options
+    from qexport.calibrators.base import CalibrationContext
+    from qexport.options import build_config, config_record
     from qexport.data import ImageFolder, load_tensor
     from qexport.models import fold_batchnorm, load_model
     from qexport.quant.plan import build_plan
@@ -103,7 +96,7 @@ def calibrate(cfg: CalibrateConfig) -> Path:
     from qexport.training.distributed import barrier, init_from_env, shutdown
 
     info = get_calibrator(cfg.method)
-    method_cfg = config_from_options(info.config, cfg.options, cfg.method)
+    method_cfg = build_config(info.config, cfg.options, f"--method {cfg.method}")
     auto = cfg.bits.strip().lower() == "auto"
     if auto and cfg.auto_bits is None:
         raise QexportError("--bits auto needs a budget: --weight-bits-avg 4.5, --size-kb 100 or --act-bits-avg 6")
@@ -127,13 +120,23 @@ def calibrate(cfg: CalibrateConfig) -> Path:
     plan = build_plan(folded, cfg.target, bits, tuple(cfg.keep_float))
     data = labels = None
     data_fp = None
-    if info.needs_data and cfg.data is not None:
+    if info.needs_labels:  # QAT: the method reads the labelled folder itself (all of it, augmented)
+        if cfg.data is None:
+            raise QexportError(f"--method {cfg.method} trains on labelled images: pass --data DIR (one subfolder per class)")
+        from qexport.training.qat_data import check_labelled
+
+        folder = ImageFolder(cfg.data, loaded.preprocess)
+        check_labelled(folder, loaded.num_classes)
+        data_fp = folder.fingerprint()
+    elif info.needs_data and cfg.data is not None:
         folder = ImageFolder(cfg.data, loaded.preprocess)
         count = min(cfg.num_samples, len(folder))
         with progress_bar(count, "loading calibration images", quiet) as bar:
             data, labels = load_tensor(folder, num_samples=cfg.num_samples, seed=cfg.seed,
                                        progress=lambda done, total: bar.update(completed=done))
         data_fp = folder.fingerprint()
+    if hasattr(method_cfg, "check_plan"):  # options that depend on the plan (e.g. md's levels vs the widths)
+        method_cfg.check_plan(plan)
     allocation = None
     if auto:
         from qexport.mixed.allocate import allocate_for_run
@@ -145,23 +148,23 @@ def calibrate(cfg: CalibrateConfig) -> Path:
     work = work_dir_for(Path(cfg.output))
     if cfg.resume and not work.is_dir():
         raise QexportError(f"--resume: no interrupted run found for {cfg.output} (expected {work})")
-    if not cfg.resume and work.is_dir() and dist.is_main:
+    writer = dist.is_main  # under torchrun only rank 0 writes (work folder, recipe)
+    if writer and not cfg.resume and work.is_dir():
         shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
+    if writer:
+        work.mkdir(parents=True, exist_ok=True)
     barrier(dist)
     started = time.time()
-    ctx_args = dict(sim=sim, folded=folded, model=loaded, data=data, labels=labels, seed=cfg.seed, device=device,
-                    quiet=quiet, work_dir=work, resume=cfg.resume, dist=dist)
-    if not dist.is_main:  # the other ranks train alongside rank 0, which alone writes
-        info.fn(CalibrationContext(**ctx_args), method_cfg)
-        shutdown(dist)
-        return Path(cfg.output)
-    with atomic_dir(cfg.output, force=cfg.force) as tmp:
-        ctx = CalibrationContext(**ctx_args, artifact_dir=tmp)
+    out_dir = atomic_dir(cfg.output, force=cfg.force) if writer else _scratch_dir()
+    with out_dir as tmp:
+        ctx = CalibrationContext(sim=sim, folded=folded, model=loaded, data=data, labels=labels, seed=cfg.seed,
+                                 device=device, quiet=quiet, artifact_dir=tmp, work_dir=work,
+                                 resume=cfg.resume, dist=dist,
+                                 data_dir=Path(cfg.data) if info.needs_labels else None, extras=dict(cfg.extras))
         try:
             metrics = info.fn(ctx, method_cfg) or {}
         except QexportError:
-            if not any(work.iterdir()):  # refused before any checkpoint: leave nothing behind
+            if writer and work.is_dir() and not any(work.iterdir()):  # refused before any checkpoint: leave nothing
                 shutil.rmtree(work, ignore_errors=True)
             raise
         sim = ctx.sim.cpu().eval()
@@ -170,19 +173,103 @@ def calibrate(cfg: CalibrateConfig) -> Path:
             metrics["mixed_precision"] = allocation
         ref = ModelRef(cfg.model, tuple(loaded.input_shape), loaded.preprocess.to_dict(), loaded.num_classes,
                        str(cfg.weights) if cfg.weights else None, loaded.weights_sha256)
-        provenance = {"method": cfg.method, "options": _jsonable(vars(method_cfg)), "seed": cfg.seed,
+        provenance = {"method": cfg.method, "config": config_record(method_cfg), "seed": cfg.seed,
                       "bits": bits.label, "target": cfg.target, "device": device,
-                      "data": str(cfg.data) if data is not None else None, "data_fingerprint": data_fp,
-                      "num_samples": int(data.shape[0]) if data is not None else 0}
+                      "data": str(cfg.data) if data is not None or info.needs_labels else None,
+                      "data_fingerprint": data_fp,
+                      "num_samples": int(data.shape[0]) if data is not None else metrics.get("train_images", 0),
+                      "invocation": _invocation(cfg)}
         recipe = QuantRecipe.from_quantsim(sim, folded, ref, provenance, metrics)
-        recipe.write_files(tmp)
-    shutil.rmtree(work, ignore_errors=True)
+        if writer:
+            recipe.write_files(tmp)
+    if writer:
+        shutil.rmtree(work, ignore_errors=True)
     shutdown(dist)
     return Path(cfg.output)
 
 
-def _jsonable(d: dict) -> dict:
+@contextlib.contextmanager
+def _scratch_dir() -> Iterator[Path]:
+    """A throw-away artifact folder for the ranks that do not write (torchrun rank > 0)."""
+    with tempfile.TemporaryDirectory(prefix="qexport-rank-") as d:
+        yield Path(d)
+
+
+_REPLAYED = ("model", "method", "bits", "target", "weights", "data", "num_samples", "seed", "first_last_bits",
+             "keep_float", "input_size", "mean", "std")
+
+
+def _invocation(cfg: CalibrateConfig) -> dict:
+    """The settings ``--replay`` needs to rerun this calibration (method options live in ``config``)."""
     out = {}
-    for k, v in d.items():
-        out[k] = v if isinstance(v, (int, float, str, bool, type(None), list, dict)) else str(v)
+    for name in _REPLAYED:
+        v = getattr(cfg, name)
+        out[name] = list(v) if isinstance(v, tuple) else v
     return out
+
+
+def _read_provenance(recipe_dir: Path) -> dict:
+    import json
+
+    meta_path = Path(recipe_dir) / "recipe.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as e:
+        raise QexportError(f"--replay {recipe_dir}: cannot read {meta_path} ({e}); pass a recipe folder") from None
+    prov = meta.get("provenance") if isinstance(meta, dict) else None
+    if not isinstance(prov, dict) or not isinstance(prov.get("invocation"), dict) or "config" not in prov:
+        raise QexportError(f"--replay {recipe_dir}: the recipe does not record how it was made (written by an "
+                           "older qexport); calibrate it again without --replay")
+    return prov
+
+
+def recipe_method(recipe_dir: Path) -> str | None:
+    """The method a recipe was calibrated with (None when the folder cannot tell).
+
+    Args:
+        recipe_dir: the recipe folder.
+
+    Returns:
+        The method name or None.
+    """
+    try:
+        method = _read_provenance(recipe_dir)["invocation"].get("method")
+    except QexportError:
+        return None
+    return method if isinstance(method, str) else None
+
+
+def replay_config(recipe_dir: Path, output: Path, *, force: bool = False, quiet: bool = False,
+                  device: str = "auto", resume: bool = False) -> CalibrateConfig:
+    """The CalibrateConfig that reruns a recipe's calibration: same model, method, options, bits, plan, seed, data.
+
+    Args:
+        recipe_dir: the recipe folder to replay.
+        output: the new recipe folder.
+        force: overwrite ``output``.
+        quiet: no progress bars.
+        device: where to run.
+        resume: continue an interrupted replay.
+
+    Returns:
+        The config (its options are the recipe's typed method config, tuples restored).
+    """
+    from qexport.calibrators import get_calibrator
+    from qexport.options import config_from_record
+
+    prov = _read_provenance(recipe_dir)
+    inv = prov["invocation"]
+    missing = [k for k in _REPLAYED if k not in inv]
+    if missing:
+        raise QexportError(f"--replay {recipe_dir}: provenance.invocation lacks {', '.join(missing)}; recalibrate")
+    if not isinstance(inv["method"], str):
+        raise QexportError(f"--replay {recipe_dir}: provenance.invocation.method must be a method name")
+    info = get_calibrator(inv["method"])
+    method_cfg = config_from_record(prov["config"], info.config, f"--replay {recipe_dir} (--method {info.name})")
+    values = {f.name: getattr(method_cfg, f.name) for f in dataclasses.fields(method_cfg)}
+    kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in inv.items() if k in _REPLAYED}
+    try:
+        return CalibrateConfig(output=Path(output), force=force, quiet=quiet, device=device, resume=resume,
+                               options=values, **kw)
+    except TypeError as e:
+        raise QexportError(f"--replay {recipe_dir}: provenance.invocation is malformed ({e})") from None

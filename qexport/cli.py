@@ -21,7 +21,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                        "  qexport verify engine/ --recipe recipe/ --data DIR")
 
 _MODEL_HELP = ("cifar:resnet20|32|44|56, torchvision:<name>, package.module:factory, or a torch.export .pt2 file")
-_METHOD = "Method options"
 _MIXED = "Mixed precision"
 
 
@@ -48,6 +47,40 @@ def _size(text: Optional[str]) -> Optional[tuple[int, int]]:
     return parts[0], parts[1]
 
 
+def _calibrator_configs() -> dict[str, type]:
+    from qexport.calibrators import list_calibrators
+
+    return {info.name: info.config for info in list_calibrators()}
+
+
+def _calibrator_config(name: str) -> type:
+    from qexport.calibrators import get_calibrator
+
+    return get_calibrator(name).config
+
+
+def _replay_method(args: list[str]) -> Optional[str]:
+    """The method of the recipe named by ``--replay`` (None when absent or unreadable: reported later)."""
+    from qexport.cli_options import scan_flag
+
+    folder = scan_flag(args, "--replay")
+    if folder is None:
+        return None
+    from qexport.calibrate import recipe_method
+
+    return recipe_method(Path(folder))
+
+
+def _method_command(command: str, pick=None) -> type:
+    from qexport.cli_options import selector_command
+
+    return selector_command(selector="--method", default="mse", kind="method", command=command,
+                            resolve=_calibrator_config, everyone=_calibrator_configs, pick=pick)
+
+
+_OPT_HELP = "A method option as key=value (repeatable), e.g. --opt time_budget=30m; same as the flag."
+_OPTIONS_HELP = "JSON file of method options {name: value}; --opt and flags override it."
+
 def _auto_bits(weight_avg: Optional[float], act_avg: Optional[float], size_kb: Optional[float],
                sensitivity: Optional[Path]):
     if weight_avg is None and act_avg is None and size_kb is None and sensitivity is None:
@@ -58,11 +91,13 @@ def _auto_bits(weight_avg: Optional[float], act_avg: Optional[float], size_kb: O
                           sensitivity=str(sensitivity) if sensitivity else None)
 
 
-@app.command()
+@app.command(cls=_method_command("calibrate", pick=_replay_method))
 def calibrate(
-    model: str = typer.Argument(..., help=_MODEL_HELP),
+    ctx: typer.Context,
+    model: Optional[str] = typer.Argument(None, help=_MODEL_HELP + " (not with --replay)."),
     output: Path = typer.Option(..., "-o", "--output", help="Recipe folder to write (recipe.json + tensors.safetensors)."),
-    method: str = typer.Option("mse", help="Calibration method; `qexport methods` lists them."),
+    method: str = typer.Option("mse", help="Calibration method; `qexport methods` lists them. Its options are "
+                                           "listed by `qexport calibrate --method M --help`."),
     bits: str = typer.Option("w8a8", help="Bit widths: wNaM (w8a8, w4a8, w4a4), wN for weights only, a JSON map "
                              "file {\"default\": \"w4a8\", \"layers\": {NAME: \"w8a8\"}} (mixed precision), or "
                              "'auto' with a budget (--weight-bits-avg / --act-bits-avg / --size-kb)."),
@@ -91,33 +126,34 @@ def calibrate(
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output folder."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its checkpoint."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
-    percentile: Optional[float] = typer.Option(None, help="[percentile] clip percentile of |x|.", rich_help_panel=_METHOD),
-    batch_size: Optional[int] = typer.Option(None, help="Batch size of calibration passes.", rich_help_panel=_METHOD),
-    patch_prob: Optional[float] = typer.Option(None, help="[gpfq] keep each conv patch with this probability.", rich_help_panel=_METHOD),
-    c: Optional[str] = typer.Option(None, "--c", help="[gpfq] step-size constant C, or 'auto' to search it.", rich_help_panel=_METHOD),
-    per_channel_step: Optional[bool] = typer.Option(None, "--per-channel-step/--per-layer-step", help="[gpfq] step size per output channel or per layer.", rich_help_panel=_METHOD),
-    bias_correction: Optional[bool] = typer.Option(None, "--bias-correction/--no-bias-correction", help="[gpfq] correct the layer bias for the mean quantization error.", rich_help_panel=_METHOD),
-    schedule: Optional[str] = typer.Option(None, help="[adasg] 'paper' (400 x 200 iterations) or 'budget'.", rich_help_panel=_METHOD),
-    epochs: Optional[int] = typer.Option(None, help="[adasg] epochs.", rich_help_panel=_METHOD),
-    iters_per_epoch: Optional[int] = typer.Option(None, help="[adasg] iterations per epoch.", rich_help_panel=_METHOD),
-    time_budget: Optional[str] = typer.Option(None, help="[adasg] stop after this long, e.g. 30m or 2h.", rich_help_panel=_METHOD),
-    loss: Optional[str] = typer.Option(None, help="[adasg] 'adasg' or the 'gdfq' baseline.", rich_help_panel=_METHOD),
-    save_synthetic: Optional[int] = typer.Option(None, help="[adasg] also keep N synthetic images as an image folder.", rich_help_panel=_METHOD),
+    opt: list[str] = typer.Option([], "--opt", help=_OPT_HELP),
+    options: Optional[Path] = typer.Option(None, "--options", help=_OPTIONS_HELP),
+    replay: Optional[Path] = typer.Option(None, "--replay", help="Recalibrate as RECIPE_DIR was: same model, method, "
+                                          "options, bits, plan, seed and data (only -o, --force, --quiet, "
+                                          "--device and --resume may be given with it)."),
 ) -> None:
-    """Calibrate MODEL with a method and write a recipe folder (integer weights, scales, provenance)."""
-    from qexport.calibrate import CalibrateConfig, calibrate as run_calibrate
+    """Calibrate MODEL with a method and write a recipe folder (integer weights, scales, provenance).
 
-    options = {"percentile": percentile, "batch_size": batch_size, "patch_prob": patch_prob, "c": c,
-               "per_channel_step": per_channel_step, "bias_correction": bias_correction, "schedule": schedule,
-               "epochs": epochs, "iters_per_epoch": iters_per_epoch, "time_budget": time_budget, "loss": loss,
-               "save_synthetic": save_synthetic}
-    cfg = CalibrateConfig(model=model, output=output, method=method, bits=bits, target=target,
-                          weights=str(weights) if weights else None, data=str(data) if data else None,
-                          num_samples=num_samples, seed=seed, first_last_bits=first_last_bits,
-                          keep_float=tuple(keep_float), input_size=_size(input_size), mean=_floats(mean, "--mean"),
-                          std=_floats(std, "--std"), device=device, force=force, resume=resume, quiet=quiet,
-                          options=options, layer_bits=tuple(layer_bits),
-                          auto_bits=_auto_bits(weight_bits_avg, act_bits_avg, size_kb, sensitivity))
+    Method options are ordinary flags (--time-budget 30m), --opt key=value or --options FILE.json; the chosen
+    method's options are listed at the end of this help.
+    """
+    from qexport.cli_options import check_replay_alone, collected_options
+    from qexport.calibrate import CalibrateConfig, calibrate as run_calibrate, replay_config
+
+    method_options = collected_options(ctx, options, opt)
+    if replay is not None:
+        check_replay_alone(ctx, method_options, allowed=("output", "force", "quiet", "device", "resume", "replay"))
+        cfg = replay_config(replay, output, force=force, quiet=quiet, device=device, resume=resume)
+    else:
+        if model is None:
+            raise QexportError("MODEL is missing: qexport calibrate MODEL -o RECIPE_DIR (or --replay RECIPE_DIR)")
+        cfg = CalibrateConfig(model=model, output=output, method=method, bits=bits, target=target,
+                              weights=str(weights) if weights else None, data=str(data) if data else None,
+                              num_samples=num_samples, seed=seed, first_last_bits=first_last_bits,
+                              keep_float=tuple(keep_float), input_size=_size(input_size),
+                              mean=_floats(mean, "--mean"), std=_floats(std, "--std"), device=device, force=force,
+                              resume=resume, quiet=quiet, options=method_options, layer_bits=tuple(layer_bits),
+                              auto_bits=_auto_bits(weight_bits_avg, act_bits_avg, size_kb, sensitivity))
     out = run_calibrate(cfg)
     typer.echo(f"recipe written to {out}")
 
@@ -191,12 +227,13 @@ def verify(
         raise typer.Exit(1)
 
 
-@app.command()
+@app.command(cls=_method_command("run"))
 def run(
+    ctx: typer.Context,
     model: str = typer.Argument(..., help=_MODEL_HELP),
     output: Path = typer.Option(..., "-o", "--output", help="Run folder: recipe, model.onnx, engine/, report."),
     eval_data: Path = typer.Option(..., help="Labelled image folder for verify (never used for calibration)."),
-    method: str = typer.Option("mse", help="Calibration method."),
+    method: str = typer.Option("mse", help="Calibration method; its options: `qexport run --method M --help`."),
     bits: str = typer.Option("w8a8", help="Bit widths, e.g. w8a8."),
     weights: Optional[Path] = typer.Option(None, help="Checkpoint."),
     data: Optional[Path] = typer.Option(None, help="Calibration image folder."),
@@ -206,23 +243,41 @@ def run(
     seed: int = typer.Option(0, help="Seed."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing run folder."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    opt: list[str] = typer.Option([], "--opt", help=_OPT_HELP),
+    options: Optional[Path] = typer.Option(None, "--options", help=_OPTIONS_HELP),
 ) -> None:
-    """All four steps in one: calibrate, export, build-engine and verify into one run folder."""
+    """All four steps in one: calibrate, export, build-engine and verify into one run folder.
+
+    Method options as in `qexport calibrate`: flags, --opt key=value or --options FILE.json.
+    """
+    from qexport.cli_options import collected_options
     from qexport.run import run_pipeline
     from qexport.verify.report import print_report
 
+    method_options = collected_options(ctx, options, opt)
     rep, folder = run_pipeline(model=model, output=output, eval_data=eval_data, method=method, bits=bits,
                                weights=weights, data=data, num_samples=num_samples, target=target,
-                               eval_samples=eval_samples, seed=seed, force=force, quiet=quiet)
+                               eval_samples=eval_samples, seed=seed, force=force, quiet=quiet,
+                               options=method_options)
     print_report(rep)
     typer.echo(f"run folder {folder}: recipe/, model.onnx, engine/, report/report.md")
 
 
 @app.command()
-def methods() -> None:
-    """List the registered calibration methods, one line each."""
-    from qexport.calibrators import list_calibrators
+def methods(
+    name: Optional[str] = typer.Argument(None, help="A method: list its options (type, default, help)."),
+) -> None:
+    """List the registered calibration methods, one line each; with NAME, that method's options."""
+    from qexport.calibrators import get_calibrator, list_calibrators
+    from qexport.options import options_help
 
+    if name is not None:
+        info = get_calibrator(name)
+        kind = "data" if info.needs_data else "data-free"
+        typer.echo(f"{info.name} ({kind}): {info.summary}\n\nOptions (flags of `qexport calibrate --method "
+                   f"{info.name}` and `qexport run`, or --opt key=value, or --options FILE.json):")
+        typer.echo(options_help(info.config))
+        return
     for info in list_calibrators():
         kind = "data" if info.needs_data else "data-free"
         typer.echo(f"{info.name:<11} {kind:<9} {info.summary}")

@@ -85,7 +85,7 @@ def atomic_file(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
 
 
 def write_text_atomic(path: str | os.PathLike, text: str, force: bool = True) -> None:
-    """Write a small text file atomically (used for reports and metadata inside a fresh folder).
+    """Write a small text file atomically.
 
     Args:
         path: destination file.

@@ -233,8 +233,9 @@ class QuantRecipe:
             if lp.name not in int_w or lp.name not in scales:
                 raise QexportError(f"recipe {folder} lacks the integer weights of layer {lp.name!r}; recalibrate")
             q = int_w[lp.name].to(torch.int32)
-            if q.min() < lp.weight.qmin or q.max() > lp.weight.qmax:
-                raise QexportError(f"recipe {folder}: layer {lp.name!r} has integers outside its {lp.weight.bits}-bit grid")
+            if not lp.weight.holds(q):
+                grid = "binary grid {-1, +1}" if lp.weight.binary else f"{lp.weight.bits}-bit grid"
+                raise QexportError(f"recipe {folder}: layer {lp.name!r} has integers outside its {grid}; recalibrate")
         acts = {k: float(v) for k, v in meta["act_scales"].items()}
         missing = [ap.name for ap in plan.activations if ap.name not in acts]
         if missing:

@@ -10,7 +10,8 @@ from qexport.fileio import check_output_free
 def run_pipeline(*, model: str, output: Path, eval_data: Path, method: str = "mse", bits: str = "w8a8",
                  weights: Path | None = None, data: Path | None = None, num_samples: int = 512,
                  target: str = "onnxruntime", eval_samples: int | None = None, seed: int = 0,
-                 force: bool = False, quiet: bool = False, bench_batch_sizes: tuple[int, ...] = (1,)):
+                 force: bool = False, quiet: bool = False, bench_batch_sizes: tuple[int, ...] = (1,),
+                 options: dict | None = None):
     """Run the four steps; the run folder holds ``recipe/``, ``model.onnx``, ``model.fp32.onnx``, ``engine/``,
     ``report/``.
 
@@ -29,6 +30,7 @@ def run_pipeline(*, model: str, output: Path, eval_data: Path, method: str = "ms
         force: overwrite an existing run folder's outputs.
         quiet: no progress bars.
         bench_batch_sizes: batch sizes timed by verify.
+        options: method options (name -> value), as for ``qexport calibrate``.
 
     Returns:
         (the verify report, the run folder).
@@ -40,14 +42,19 @@ def run_pipeline(*, model: str, output: Path, eval_data: Path, method: str = "ms
     from qexport.calibrate import CalibrateConfig, calibrate
     from qexport.verify.compare import VerifyConfig, verify
 
+    from qexport.calibrators import get_calibrator
+    from qexport.options import build_config
+
+    build_config(get_calibrator(method).config, dict(options or {}), f"--method {method}")  # bad options: no folder
     out = check_output_free(output, force)
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
     recipe = calibrate(CalibrateConfig(model=model, output=out / "recipe", method=method, bits=bits,
-                                       target="onnxruntime" if target == "openvino" else target,
+                                       target=target,
                                        weights=str(weights) if weights else None, data=str(data) if data else None,
-                                       num_samples=num_samples, seed=seed, quiet=quiet))
+                                       num_samples=num_samples, seed=seed, quiet=quiet,
+                                       options=dict(options or {})))
     qdq, _, _ = export_recipe(recipe, target, out / "model.onnx")
     engine = build_engine_folder(qdq, out / "engine", target)
     report, folder = verify(VerifyConfig(engine=engine, recipe=recipe, data=eval_data, report=out / "report",

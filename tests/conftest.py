@@ -100,17 +100,24 @@ def tree(folder: Path) -> set[str]:
 
 
 # ---------------------------------------------------------------- data on a fresh machine
-def write_png_folder(root: Path, classes: int, per_class: int, size: int = 16, seed: int = 0) -> Path:
-    """Random RGB PNGs in class subfolders ``c0``, ``c1``, ...."""
+def write_image_folder(root: Path, classes: int | tuple[str, ...], per_class: int, size: int = 16, seed: int = 0,
+                       ext: str = ".png") -> Path:
+    """Random RGB images in class subfolders (``c0``, ``c1``, ... or the given names), as PNG or JPEG."""
     from PIL import Image
 
+    names = [f"c{c}" for c in range(classes)] if isinstance(classes, int) else list(classes)
     rng = np.random.default_rng(seed)
-    for c in range(classes):
-        d = root / f"c{c}"
+    for name in names:
+        d = root / name
         d.mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
-            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(d / f"{i:03d}.png")
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(d / f"{i:03d}{ext}")
     return root
+
+
+def write_png_folder(root: Path, classes: int, per_class: int, size: int = 16, seed: int = 0) -> Path:
+    """Random RGB PNGs in class subfolders ``c0``, ``c1``, ...."""
+    return write_image_folder(root, classes, per_class, size, seed)
 
 
 @pytest.fixture(scope="session")

@@ -177,10 +177,17 @@ def test_same_seed_same_recipe(tiny_full, tmp_path):
     assert _same(load_file(str(tiny_full / "generator.safetensors")), load_file(str(b / "generator.safetensors")))
 
 
-def test_integer_weights(tiny_full):
-    t = _tensors(tiny_full)
-    ints = [k for k in t if t[k].dtype == torch.int8]
-    assert ints, list(t)[:10]
+def test_integer_weights_on_the_plans_grids(tiny_full):
+    """Every layer's integer weights lie on its plan grid (4 bits here), and the grid is used, not just one level."""
+    from qexport.recipe import QuantRecipe
+
+    recipe = QuantRecipe.load(tiny_full)
+    assert recipe.int_weights.keys() == {lp.name for lp in recipe.plan.layers}
+    for lp in recipe.plan.layers:
+        q = recipe.int_weights[lp.name]
+        assert lp.weight.bits == 4 and q.dtype == torch.int8, lp
+        assert lp.weight.qmin <= int(q.min()) and int(q.max()) <= lp.weight.qmax, lp.name
+        assert len(torch.unique(q)) > 2, lp.name
 
 
 def _interrupt_after(monkeypatch, n):
@@ -265,14 +272,18 @@ def test_gdfq_loss_runs(tmp_path):
 
 
 def test_cli_options_reach_the_config(tmp_path):
+    import json
+
     from typer.testing import CliRunner
 
     from qexport.cli import app
 
     res = CliRunner().invoke(app, ["calibrate", TINY, "--method", "adasg", "--bits", "w4a4", "--epochs", "2",
-                                   "--iters-per-epoch", "2", "--batch-size", "4", "--loss", "adasg", "--quiet",
+                                   "--iters-per-epoch", "2", "--batch-size", "4", "--loss", "gdfq", "--quiet",
                                    "--device", "cpu", "-o", str(tmp_path / "cli")])
     assert res.exit_code == 0, res.output
+    options = json.loads((tmp_path / "cli" / "recipe.json").read_text())["provenance"]["config"]["values"]
+    assert (options["epochs"], options["iters_per_epoch"], options["batch_size"], options["loss"]) == (2, 2, 4, "gdfq")
     res = CliRunner().invoke(app, ["calibrate", TINY, "--method", "adasg", "--time-budget", "soon", "--quiet",
                                    "-o", str(tmp_path / "cli2")])
     assert res.exit_code != 0

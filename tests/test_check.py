@@ -11,17 +11,20 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qexport.errors import QexportError
 from qexport.export.check import (
-    TARGETS,
     Violation,
     assert_valid,
     check_model,
     list_rules,
     run_check,
 )
+from qexport.quant.targets import list_targets
+
+TARGETS = list_targets()
 
 RULE_IDS = {"opset", "onnx-checker", "no-integer-ops", "qdq-constant-params", "scale-positive", "scale-shape",
             "trt-zero-point", "ort-qdq-types", "weight-per-channel", "activation-per-tensor", "quantized-inputs",
-            "residual-add", "clip-range", "qdq-pair", "bias-int32", "code-clip", "trt-no-lookup"}
+            "residual-add", "clip-range", "qdq-pair", "bias-int32", "code-clip", "weight-grid",
+            "trt-no-lookup"}
 S_IN, S_A, S_F = 0.02, 0.05, 0.03
 
 

@@ -1,4 +1,4 @@
-"""qexport.data: real CIFAR JPEG folders, flat/unlabeled folders, bad images, seeded subsets, saved sets."""
+"""qexport.data: generated and real CIFAR JPEG folders, flat folders, bad images, seeded subsets, saved sets."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from qexport import shared
+from conftest import write_image_folder
 from qexport.data import (
     ImageFolder,
     fingerprint,
@@ -22,27 +22,15 @@ from qexport.models import CIFAR_PRESET, IMAGENET_PRESET, Preprocess
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
-@pytest.fixture(scope="module")
-def testdev():
-    p = shared.cifar_images("test-dev")
-    if p is None:
-        pytest.skip("shared folder with CIFAR checkpoints not found (set QEXPORT_SHARED)")
-    return p
-
-
 @pytest.fixture()
-def small(testdev, tmp_path):
-    """3 classes x 4 real CIFAR JPEGs, copied to tmp."""
-    root = tmp_path / "small"
-    for c in ("bird", "cat", "airplane"):
-        (root / c).mkdir(parents=True)
-        for f in sorted((testdev / c).glob("*.jpg"))[:4]:
-            shutil.copy(f, root / c / f.name)
-    return root
+def small(tmp_path):
+    """3 classes x 4 generated 32x32 JPEGs (the data path needs no shared folder)."""
+    return write_image_folder(tmp_path / "small", classes=("bird", "cat", "airplane"), per_class=4, size=32,
+                              ext=".jpg")
 
 
-def test_cifar_folder_labels_and_tensors(testdev):
-    ds = ImageFolder(testdev, CIFAR_PRESET)
+def test_cifar_folder_labels_and_tensors(cifar_test):
+    ds = ImageFolder(cifar_test, CIFAR_PRESET)
     assert ds.classes == CLASSES and len(ds) == 5000 and ds.labelled
     x, y = ds[0]
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and y == 0
@@ -53,10 +41,10 @@ def test_cifar_folder_labels_and_tensors(testdev):
     ds.validate(4)
 
 
-def test_seeded_subset_is_deterministic(testdev):
-    a = load_tensor(testdev, CIFAR_PRESET, num_samples=64, seed=3, batch_size=20)
-    b = load_tensor(testdev, CIFAR_PRESET, num_samples=64, seed=3, batch_size=64)
-    c = load_tensor(testdev, CIFAR_PRESET, num_samples=64, seed=4)
+def test_seeded_subset_is_deterministic(cifar_test):
+    a = load_tensor(cifar_test, CIFAR_PRESET, num_samples=64, seed=3, batch_size=20)
+    b = load_tensor(cifar_test, CIFAR_PRESET, num_samples=64, seed=3, batch_size=64)
+    c = load_tensor(cifar_test, CIFAR_PRESET, num_samples=64, seed=4)
     assert a[0].shape == (64, 3, 32, 32) and a[1].dtype == torch.int64
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert not torch.equal(a[0], c[0])

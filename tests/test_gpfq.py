@@ -208,7 +208,6 @@ def test_resnet20_w4_gpfq_beats_round_to_nearest(cifar):
 
 def test_cli_gpfq_w4a8_exports_and_runs_onnxruntime(cifar, tmp_path):
     ckpt, train, test = cifar
-    pytest.importorskip("onnxruntime")
     cli = [sys.executable, "-m", "qexport.cli"]
     recipe = tmp_path / "recipe"
     r = subprocess.run(cli + ["calibrate", "cifar:resnet20", "--weights", str(ckpt), "--method", "gpfq",

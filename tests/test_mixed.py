@@ -14,8 +14,9 @@ from qexport.recipe import QuantRecipe
 MIXED = ("conv2=w4a4", "fc=w3a6")
 
 
-def _recipe(tmp_path, tiny_images, method="mse", bits="w8a8", layer_bits=MIXED, options=None, name="r"):
-    return calibrate(CalibrateConfig(model=TINY, output=tmp_path / name, method=method, bits=bits,
+def _recipe(tmp_path, tiny_images, method="mse", bits="w8a8", layer_bits=MIXED, options=None, name="r",
+            target="onnxruntime"):
+    return calibrate(CalibrateConfig(model=TINY, output=tmp_path / name, method=method, bits=bits, target=target,
                                      layer_bits=layer_bits, data=str(tiny_images) if method != "adasg" else None,
                                      num_samples=24, quiet=True, device="cpu", options=options or {}))
 
@@ -42,7 +43,7 @@ def test_mixed_plan_engine_matches_quantsim_point_by_point(tmp_path, tiny_images
     from qexport.models import Preprocess
     from qexport.verify.divergence import first_divergent_layer
 
-    r = _recipe(tmp_path, tiny_images, bits="w4a4", layer_bits=("conv2=w8a8", "conv3=w2a3"))
+    r = _recipe(tmp_path, tiny_images, bits="w4a4", layer_bits=("conv2=w8a8", "conv3=w2a3"), target=target)
     rec = QuantRecipe.load(r)
     qdq, _, _ = export_recipe(r, target, tmp_path / "m.onnx")
     eng = build_engine_folder(qdq, tmp_path / "engine", target, threads=1)

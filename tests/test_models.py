@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn as nn
 
-from qexport import shared
 from qexport.errors import QexportError
 from qexport.models import (
     Preprocess,
@@ -20,28 +19,9 @@ from qexport.models import (
     sha256_file,
 )
 
-SKIP = "shared folder with CIFAR checkpoints not found (set QEXPORT_SHARED)"
-
-
 @pytest.fixture(scope="module")
-def r20_path():
-    p = shared.cifar_checkpoint(20)
-    if p is None:
-        pytest.skip(SKIP)
-    return p
-
-
-@pytest.fixture(scope="module")
-def r20(r20_path):
-    return load_model("cifar:resnet20", str(r20_path))
-
-
-@pytest.fixture(scope="module")
-def testdev():
-    p = shared.cifar_images("test-dev")
-    if p is None:
-        pytest.skip(SKIP)
-    return p
+def r20(r20_weights):
+    return load_model("cifar:resnet20", str(r20_weights))
 
 
 class Unsafe:
@@ -81,10 +61,10 @@ def test_preprocess_round_trip_and_overrides():
         Preprocess((8, 8), (0.5, 0.5), (0.5, 0.5), channels=3)
 
 
-def test_cifar_architecture_matches_checkpoint_keys(r20_path):
+def test_cifar_architecture_matches_checkpoint_keys(r20_weights):
     from qexport.models.weights import read_state_dict
 
-    sd = read_state_dict(r20_path)
+    sd = read_state_dict(r20_weights)
     model = load_model("cifar:resnet20").model
     own = {k for k in model.state_dict() if not k.endswith("num_batches_tracked")}
     assert own == set(sd)
@@ -92,13 +72,13 @@ def test_cifar_architecture_matches_checkpoint_keys(r20_path):
     torch.fx.symbolic_trace(model)  # option-A shortcut is a module, not a lambda
 
 
-def test_resnet20_real_weights_accuracy(r20, r20_path, testdev):
+def test_resnet20_real_weights_accuracy(r20, r20_weights, cifar_test):
     from qexport.data import load_tensor
 
-    assert r20.weights_sha256.startswith("12fca82f") and r20.weights_sha256 == sha256_file(r20_path)
+    assert r20.weights_sha256.startswith("12fca82f") and r20.weights_sha256 == sha256_file(r20_weights)
     assert r20.input_shape == (3, 32, 32) and r20.num_classes == 10 and not r20.model.training
     assert r20.preprocess.resize is None
-    x, y = load_tensor(testdev, r20.preprocess, num_samples=500, seed=0)
+    x, y = load_tensor(cifar_test, r20.preprocess, num_samples=500, seed=0)
     with torch.no_grad():
         acc = (r20.model(x).argmax(1) == y).float().mean().item()
     assert acc > 0.75, acc  # README: 81.02% on all 5000 test-dev images
@@ -193,6 +173,17 @@ def test_bad_specs(spec, words):
         load_model(spec)
 
 
+def test_garbage_pt2_one_line_no_traceback(tmp_path, tiny_images):
+    """torch.export.load logs a traceback for a bad archive before qexport's one-line error: it is silenced."""
+    from conftest import assert_user_error, run_qexport
+
+    bad = tmp_path / "garbage.pt2"
+    bad.write_bytes(b"not a zip archive" * 8)
+    res = run_qexport(["calibrate", bad, "--method", "minmax", "--data", tiny_images, "-o", tmp_path / "r", "-q"])
+    assert "Traceback" not in res.err and "Ran into the following error" not in res.err, res.err
+    assert_user_error(res, "garbage.pt2", "torch.export program")
+
+
 def test_torchvision_and_factory_specs():
     lm = load_model("torchvision:resnet18", num_classes=7)
     assert lm.num_classes == 7 and lm.preprocess.resize == 256 and lm.input_shape == (3, 224, 224)
@@ -230,7 +221,7 @@ def test_fold_batchnorm_names_untraceable_module():
         fold_batchnorm(Net().eval())
 
 
-def test_pt2_round_trip(r20, tmp_path):
+def test_pt2_round_trip(r20, r20_weights, tmp_path):
     ep = torch.export.export(r20.model, (torch.randn(1, 3, 32, 32),))
     path = tmp_path / "r20.pt2"
     torch.export.save(ep, str(path))
@@ -247,7 +238,7 @@ def test_pt2_round_trip(r20, tmp_path):
         assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
         assert (folded(x) - ref).abs().max().item() < 1e-4
     # the converted module's state dict has the original names, so --weights applies to it too
-    lm2 = load_model(str(path), str(shared.cifar_checkpoint(20)))
+    lm2 = load_model(str(path), str(r20_weights))
     with torch.no_grad():
         assert (lm2.model(x) - ref).abs().max().item() < 1e-5
 

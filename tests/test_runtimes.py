@@ -15,7 +15,7 @@ from qexport.errors import MissingDependencyError, QexportError
 from qexport.runtimes import get_runtime, list_runtimes, load_engine, read_engine_meta, register_runtime
 from qexport.runtimes.base import Runtime
 from qexport.runtimes.onnxrt import session_for
-from qexport.verify.latency import LatencyStats, interleaved_compare, measure, stats_from_durations
+from qexport.latency import LatencyStats, interleaved_compare, measure, stats_from_durations
 
 C, H, W = 3, 8, 8
 OUT_SCALE = 0.05
@@ -25,7 +25,7 @@ OUT_SCALE = 0.05
 @pytest.fixture(scope="module")
 def fp32_onnx(tmp_path_factory) -> Path:
     """A tiny conv net exported by torch (opset 17, dynamic batch)."""
-    torch = pytest.importorskip("torch")
+    import torch
 
     class Tiny(torch.nn.Module):
         def __init__(self):
@@ -106,7 +106,11 @@ def test_registry_lists_builtins_and_rejects_unknown():
         get_runtime("nope")
 
 
-def test_register_runtime_decorator():
+def test_register_runtime_decorator(monkeypatch):
+    import qexport.runtimes as runtimes
+
+    monkeypatch.setattr(runtimes, "_REGISTRY", dict(runtimes._REGISTRY))  # the dummy leaves with the test
+
     @register_runtime("test-dummy")
     class Dummy(Runtime):
         def build_engine(self, *a, **k):
@@ -330,7 +334,7 @@ def test_tensorrt_missing_gives_install_hint(tmp_path, qdq_onnx, ort_engine, mon
 
 
 def test_tensorrt_without_gpu(monkeypatch, tmp_path, qdq_onnx):
-    torch = pytest.importorskip("torch")
+    import torch
     monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(MissingDependencyError, match="needs an NVIDIA GPU"):

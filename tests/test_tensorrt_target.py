@@ -21,7 +21,6 @@ import numpy as np
 import pytest
 import torch
 
-from qexport import shared
 from qexport.export.check import check_model
 from qexport.export.qdq import export_recipe
 from qexport.calibrate import CalibrateConfig, calibrate
@@ -110,36 +109,29 @@ def test_checker_passes_every_export(exporter, spec, bits, target):
 
 
 # ------------------------------------------------------------------ ResNet-20 (shared checkpoint): parity
-_R20 = shared.cifar_checkpoint(20)
-_TRAIN, _TEST = shared.cifar_images("train"), shared.cifar_images("test-dev")
-needs_shared = pytest.mark.skipif(_R20 is None or _TRAIN is None or _TEST is None,
-                                  reason="needs the shared CIFAR-10 ResNet-20 checkpoint and images (../shared)")
-
-
 @pytest.fixture(scope="module")
-def r20_trt(workdir) -> tuple[Path, Path]:
+def r20_trt_minmax(workdir, r20_weights, cifar_train) -> tuple[Path, Path]:
     """(recipe folder, tensorrt QDQ file) of the pretrained ResNet-20, W8A8 minmax calibrated --target tensorrt."""
     out = workdir / "r20_pretrained"
     recipe = calibrate(CalibrateConfig(model="cifar:resnet20", output=out / "recipe", method="minmax",
-                                       bits="w8a8", target="tensorrt", weights=str(_R20), data=str(_TRAIN),
+                                       bits="w8a8", target="tensorrt", weights=str(r20_weights), data=str(cifar_train),
                                        num_samples=128, quiet=True, device="cpu"))
     qdq, _, _ = export_recipe(recipe, "tensorrt", out / "model.onnx")  # with the exporter's own check
     return recipe, qdq
 
 
-@needs_shared
-def test_resnet20_tensorrt_file_op_by_op_agrees_with_quantsim(r20_trt):
+def test_resnet20_tensorrt_file_op_by_op_agrees_with_quantsim(r20_trt_minmax, cifar_test):
     from qexport.data import ImageFolder, iter_batches, subset_indices
     from qexport.models import Preprocess
     from qexport.recipe import QuantRecipe
     from qexport.runtimes.onnxrt import session_for
 
-    recipe_dir, qdq = r20_trt
+    recipe_dir, qdq = r20_trt_minmax
     assert check_model(qdq, "tensorrt") == []
     recipe = QuantRecipe.load(recipe_dir)
     sim = recipe.build_quantsim().eval()
     sess = session_for(qdq, threads=2, optimize=False)  # every node as written: what TensorRT is asked to compute
-    ds = ImageFolder(_TEST, Preprocess.from_dict(recipe.model.preprocess))
+    ds = ImageFolder(cifar_test, Preprocess.from_dict(recipe.model.preprocess))
     idx = subset_indices(len(ds), 1000, seed=0)
     agree = total = correct_sim = 0
     max_diff = 0.0
@@ -335,14 +327,13 @@ def test_tensorrt_runner_cuda_plumbing_with_fake_engine(tmp_path, monkeypatch):
 @pytest.mark.tensorrt
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None or not torch.cuda.is_available(),
                     reason="needs TensorRT 10 and an NVIDIA GPU (see docs/tensorrt.md)")
-@needs_shared
-def test_tensorrt_engine_of_resnet20_agrees_with_quantsim(r20_trt, tmp_path):
+def test_tensorrt_engine_of_resnet20_agrees_with_quantsim(r20_trt_minmax, cifar_test, tmp_path):
     """Needs TensorRT 10 and an NVIDIA GPU; has never run in this project's CI."""
     from qexport.build_engine import build_engine_folder
     from qexport.verify.compare import VerifyConfig, verify
 
-    recipe, qdq = r20_trt
+    recipe, qdq = r20_trt_minmax
     eng = build_engine_folder(qdq, tmp_path / "eng", "tensorrt")
-    rep, _ = verify(VerifyConfig(engine=eng, recipe=recipe, data=_TEST, num_samples=1000, quiet=True,
+    rep, _ = verify(VerifyConfig(engine=eng, recipe=recipe, data=cifar_test, num_samples=1000, quiet=True,
                                  bench_batch_sizes=(1, 64), bench_iters=20, min_agreement=99.5))
     assert rep["passed"], rep["accuracy"]

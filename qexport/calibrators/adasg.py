@@ -297,7 +297,7 @@ class AdaSGTask:
         if loop.history:
             last = loop.history[-1]
             metrics.update({f"final_{k}": last[k] for k in ("L_G", "L_Q", "BG", "H", "agree") if k in last})
-        if ctx.artifact_dir is not None:
+        if ctx.artifact_dir is not None and self.dist.is_main:
             self.write_artifacts(Path(ctx.artifact_dir))
         return metrics
 

@@ -2,96 +2,70 @@
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from qexport.duration import parse_duration  # noqa: F401  (re-exported: the options parse durations)
 from qexport.errors import QexportError
-
-
-def parse_duration(text: str | None) -> float | None:
-    """``30m``, ``2h``, ``90s``, ``1h30m`` or plain seconds -> seconds (None stays None)."""
-    if text is None:
-        return None
-    t = str(text).strip().lower()
-    if re.fullmatch(r"\d+(\.\d+)?", t):
-        return float(t)
-    parts = re.findall(r"(\d+(?:\.\d+)?)([hms])", t)
-    if not parts or "".join(a + b for a, b in parts) != t:
-        raise QexportError(f"--time-budget {text!r} is not a duration; use e.g. 30m, 2h, 1h30m or 90s")
-    mult = {"h": 3600.0, "m": 60.0, "s": 1.0}
-    return sum(float(a) * mult[b] for a, b in parts)
 
 
 @dataclass(frozen=True)
 class AdaSGConfig:
-    """Options of ``adasg`` (paper defaults; methods.md section 1).
+    """Options of ``adasg`` (paper defaults; methods.md section 1). Each field's help is its CLI help
+    (``qexport calibrate --method adasg --help``)."""
 
-    Attributes:
-        schedule: ``paper`` (400 epochs x 200 iterations, batch 16, 4 warm-up epochs, student lr 1e-4 decayed
-            x0.1 at epochs 100/200/300) or ``budget`` (shorter run; ``--epochs``/``--iters-per-epoch``/
-            ``--time-budget`` set its length and the decay milestones are scaled to it).
-        epochs: total epochs, warm-up included (default: 400 paper, 40 budget; with a time budget alone, as many
-            as fit).
-        iters_per_epoch: iterations per epoch (default 200 paper, 50 budget).
-        time_budget: wall-clock budget (``30m``, ``2h``): the epoch count is planned from the measured speed and
-            the run stops when it is spent.
-        loss: ``adasg`` or the ``gdfq`` baseline.
-        save_synthetic: also write this many synthetic images as an image folder in the recipe.
-        batch_size: generator batch (16 in the paper).
-        warmup_epochs: epochs where only G trains while activation ranges are observed (default 4 paper,
-            2 budget; 0 disables).
-        alpha, beta, gamma: weights of (L_ds + L_as), L_b and L_BNS in L_G (0.1, 1, 1).
-        lambda_l, lambda_u: bounds of the normalised disagreement entropy in L_b (0.3, 0.8).
-        tau: student temperature (20).
-        lr_g: generator Adam learning rate (1e-3, betas 0.5/0.999).
-        lr_q: student SGD-Nesterov learning rate (1e-4, the paper's CIFAR rate; 1e-3 diverges within a few
-            hundred iterations on ResNet-20 W4A4 with both losses).
-        momentum, weight_decay: student SGD settings (0.9, 1e-4).
-        milestones: fractions of the run where the student lr is multiplied by ``gamma_lr`` (default: the
-            paper's 100/200/300 of 400 = 0.25, 0.5, 0.75; budget runs 0.5, 0.75, since a short run spends too
-            little time at the first rate otherwise).
-        gamma_lr: decay factor (0.1).
-        act_momentum: EMA momentum of the activation min/max during warm-up (0.9).
-        act_init: activation ranges at the end of warm-up: ``mse`` (default: the L^3-error clipping search of the
-            ``mse`` calibrator over ``act_init_samples`` synthetic samples from the warmed-up generator),
-            ``percentile``, or ``ema`` (EMA of min/max during warm-up, the paper). ``mse`` was chosen on held-out
-            training images (bench/adasg_heldout_curve.py, ResNet-20 W4A4): start 75.1 vs 71.6 %, and about 1.8
-            points higher over 4,000 game iterations (FP32 85.9 % on those images).
-        act_init_samples: synthetic samples for ``mse``/``percentile`` act_init.
-        weight_init: ``mse`` or ``minmax`` per-channel weight scales.
-        latent_dim: generator latent size (100).
-        grid_per_class: samples per class in the PNG grid.
-        bg_exact: measure R after the iteration on the same z, y (one more forward of G, P and Q per iteration);
-            by default R after iteration t is the R of iteration t+1's batch (free, noisier).
-    """
-
-    schedule: str = "budget"
-    epochs: int | None = None
-    iters_per_epoch: int | None = None
-    time_budget: str | None = None
-    loss: str = "adasg"
-    save_synthetic: int = 0
-    batch_size: int = 16
-    warmup_epochs: int | None = None
-    alpha: float = 0.1
-    beta: float = 1.0
-    gamma: float = 1.0
-    lambda_l: float = 0.3
-    lambda_u: float = 0.8
-    tau: float = 20.0
-    lr_g: float = 1e-3
-    lr_q: float | None = None
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    milestones: tuple[float, ...] | None = None
-    gamma_lr: float = 0.1
-    act_momentum: float = 0.9
-    act_init: str = "mse"
-    act_init_samples: int = 512
-    weight_init: str = "mse"
-    latent_dim: int = 100
-    grid_per_class: int = 8
-    bg_exact: bool = False
+    schedule: str = field(default="budget", metadata={
+        "help": "'paper' (400 epochs x 200 iterations, batch 16, 4 warm-up epochs, student lr 1e-4 decayed x0.1 "
+                "at epochs 100/200/300) or 'budget' (a shorter run: --epochs/--iters-per-epoch/--time-budget set "
+                "its length and the decay milestones are scaled to it)"})
+    epochs: int | None = field(default=None, metadata={
+        "help": "total epochs, warm-up included (none: 400 paper, 40 budget; with a time budget alone, as many as "
+                "fit)"})
+    iters_per_epoch: int | None = field(default=None, metadata={
+        "help": "iterations per epoch (none: 200 paper, 50 budget)"})
+    time_budget: str | None = field(default=None, metadata={
+        "help": "wall-clock budget (30m, 2h, 1h30m, 90s): the epoch count is planned from the measured speed and "
+                "the run stops when it is spent"})
+    loss: str = field(default="adasg", metadata={"help": "'adasg' or the 'gdfq' baseline loss"})
+    save_synthetic: int = field(default=0, metadata={
+        "help": "also write this many synthetic images as an image folder in the recipe"})
+    batch_size: int = field(default=16, metadata={
+        "help": "synthetic images the generator draws per iteration (16 in the paper; at least 2)"})
+    warmup_epochs: int | None = field(default=None, metadata={
+        "help": "epochs where only the generator trains while activation ranges are observed (none: 4 paper, "
+                "2 budget; 0 disables)"})
+    alpha: float = field(default=0.1, metadata={"help": "weight of L_ds + L_as in the generator loss L_G"})
+    beta: float = field(default=1.0, metadata={"help": "weight of the bound loss L_b in L_G"})
+    gamma: float = field(default=1.0, metadata={"help": "weight of the BN-statistics loss L_BNS in L_G"})
+    lambda_l: float = field(default=0.3, metadata={
+        "help": "lower bound of the normalised disagreement entropy in L_b"})
+    lambda_u: float = field(default=0.8, metadata={
+        "help": "upper bound of the normalised disagreement entropy in L_b"})
+    tau: float = field(default=20.0, metadata={"help": "student temperature"})
+    lr_g: float = field(default=1e-3, metadata={"help": "generator Adam learning rate (betas 0.5/0.999)"})
+    lr_q: float | None = field(default=None, metadata={
+        "help": "student SGD-Nesterov learning rate (none: 1e-4, the paper's CIFAR rate; 1e-3 diverges within a "
+                "few hundred iterations on ResNet-20 W4A4 with both losses)"})
+    momentum: float = field(default=0.9, metadata={"help": "student SGD momentum"})
+    weight_decay: float = field(default=1e-4, metadata={"help": "student SGD weight decay"})
+    milestones: tuple[float, ...] | None = field(default=None, metadata={
+        "help": "fractions of the run where the student lr is multiplied by gamma_lr, comma-separated (none: the "
+                "paper's 0.25,0.5,0.75; budget runs 0.5,0.75, since a short run spends too little time at the "
+                "first rate otherwise)"})
+    gamma_lr: float = field(default=0.1, metadata={"help": "student lr decay factor at each milestone"})
+    act_momentum: float = field(default=0.9, metadata={
+        "help": "EMA momentum of the activation min/max during warm-up"})
+    act_init: str = field(default="mse", metadata={
+        "help": "activation ranges at the end of warm-up: 'mse' (the L^3-error clipping search over "
+                "act_init_samples synthetic samples; chosen on held-out training images, "
+                "bench/adasg_heldout_curve.py), 'percentile', or 'ema' (EMA of min/max during warm-up, the paper)"})
+    act_init_samples: int = field(default=512, metadata={
+        "help": "synthetic samples for the mse/percentile act_init"})
+    weight_init: str = field(default="mse", metadata={"help": "'mse' or 'minmax' per-channel weight scales"})
+    latent_dim: int = field(default=100, metadata={"help": "generator latent size"})
+    grid_per_class: int = field(default=8, metadata={"help": "samples per class in the PNG grid of synthetic images"})
+    bg_exact: bool = field(default=False, metadata={
+        "help": "measure the disagreement R after the iteration on the same z, y (one more forward of G, P and Q "
+                "per iteration); off: R after iteration t is the R of iteration t+1's batch (free, noisier)"})
 
     def __post_init__(self) -> None:
         if self.schedule not in ("paper", "budget"):

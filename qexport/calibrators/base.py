@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -41,6 +40,8 @@ class CalibrationContext:
         dist: rank and world size under torchrun (training methods draw their share of the samples and average
             gradients; only rank 0 gets an artifact_dir).
         callbacks: named hooks of the training loop (benchmarks and tests; ``qexport.training.Callbacks``).
+        extras: test/bench hooks of the QAT trainer (to move onto ``callbacks``).
+        data_dir: the labelled training folder of QAT methods (``needs_labels``), which read it themselves.
     """
 
     sim: QuantSim
@@ -56,10 +57,12 @@ class CalibrationContext:
     resume: bool = False
     dist: DistInfo = SINGLE
     callbacks: Callbacks = field(default_factory=Callbacks)
+    data_dir: Path | None = None
+    extras: dict = field(default_factory=dict)
 
 
 def config_from_options(config_cls: type, options: dict, method: str):
-    """Build a method's frozen config from CLI options, rejecting options the method does not take.
+    """Build a method's frozen config from option values, rejecting options the method does not take.
 
     Args:
         config_cls: the dataclass.
@@ -69,13 +72,9 @@ def config_from_options(config_cls: type, options: dict, method: str):
     Returns:
         The config instance.
     """
-    names = {f.name for f in dataclasses.fields(config_cls)}
-    given = {k: v for k, v in options.items() if v is not None}
-    bad = sorted(k for k in given if k not in names)
-    if bad:
-        flags = ", ".join("--" + k.replace("_", "-") for k in bad)
-        raise QexportError(f"{flags} does not apply to --method {method}; see `qexport calibrate --help`")
-    return config_cls(**given)
+    from qexport.options import build_config
+
+    return build_config(config_cls, {k: v for k, v in options.items() if v is not None}, f"--method {method}")
 
 
 class RangeObserver:
@@ -168,7 +167,7 @@ DEFAULT_ERROR_NORM = 3.0
 
 
 def weight_mse_scale(w: torch.Tensor, qmin: int, qmax: int, grid: int = 100, lo: float = 0.2,
-                     p: float = DEFAULT_ERROR_NORM) -> torch.Tensor:
+                     p: float = DEFAULT_ERROR_NORM, binary: bool = False) -> torch.Tensor:
     """Per-output-channel scale minimising the L^p weight quantization error over clip ratios.
 
     Args:
@@ -178,17 +177,19 @@ def weight_mse_scale(w: torch.Tensor, qmin: int, qmax: int, grid: int = 100, lo:
         grid: number of clip ratios tried in [lo, 1].
         lo: smallest clip ratio.
         p: error exponent (2 = squared error).
+        binary: the binary grid {-1, +1} (searched down to 2 % of max |w|: its best scale is near mean |w|).
 
     Returns:
         Per-channel scales.
     """
     w = w.detach().flatten(1)
+    lo = min(lo, 0.02) if binary else lo
     base = weight_absmax_scale(w, qmax)
     best_err = torch.full_like(base, float("inf"))
     best = base.clone()
     for r in torch.linspace(lo, 1.0, grid):
         s = base * r
-        err = (fake_quant(w, channel_view(s, 2), qmin, qmax) - w).abs().pow(p).sum(dim=1)
+        err = (fake_quant(w, channel_view(s, 2), qmin, qmax, binary) - w).abs().pow(p).sum(dim=1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best = torch.where(better, s, best)
@@ -274,7 +275,7 @@ def set_weight_scales(sim: QuantSim, mode: str = "mse") -> None:
     for layer in sim.layers().values():
         spec = layer.weight_quantizer.spec
         if mode == "mse":
-            s = weight_mse_scale(layer.weight, spec.qmin, spec.qmax)
+            s = weight_mse_scale(layer.weight, spec.qmin, spec.qmax, binary=spec.binary)
         else:
             s = weight_absmax_scale(layer.weight, spec.qmax)
         with torch.no_grad():

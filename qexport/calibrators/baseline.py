@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from qexport.calibrators import register_calibrator
 from qexport.calibrators.base import DEFAULT_PERCENTILE, CalibrationContext, calibrate_activations, set_weight_scales
@@ -13,17 +13,23 @@ from qexport.errors import QexportError
 class MinMaxConfig:
     """Options of ``minmax``: weights at max|w| per channel, activations at the observed range."""
 
-    batch_size: int = 64
+    batch_size: int = field(default=64, metadata={"help": "images per forward pass while observing activation ranges"})
+
+    def __post_init__(self) -> None:
+        _check_batch(self.batch_size)
 
 
 @dataclass(frozen=True)
 class PercentileConfig:
     """Options of ``percentile``: weights min-max, activations clipped at a percentile of |x|."""
 
-    percentile: float = DEFAULT_PERCENTILE
-    batch_size: int = 64
+    percentile: float = field(default=DEFAULT_PERCENTILE, metadata={
+        "help": "clip activations at this percentile of |x|, in (50, 100] (chosen on held-out training images, "
+                "bench/percentile_heldout.py)"})
+    batch_size: int = field(default=64, metadata={"help": "images per forward pass while observing activation ranges"})
 
     def __post_init__(self) -> None:
+        _check_batch(self.batch_size)
         if not 50.0 < self.percentile <= 100.0:
             raise QexportError(f"--percentile must be in (50, 100], got {self.percentile}")
 
@@ -35,7 +41,15 @@ class MSEConfig:
     The error is |x - q(x)|^p with p = 3 (``DEFAULT_ERROR_NORM``), not the plain square: see base.py for why.
     """
 
-    batch_size: int = 64
+    batch_size: int = field(default=64, metadata={"help": "images per forward pass while observing activation ranges"})
+
+    def __post_init__(self) -> None:
+        _check_batch(self.batch_size)
+
+
+def _check_batch(batch_size: int) -> None:
+    if batch_size <= 0:
+        raise QexportError(f"--batch-size must be positive, got {batch_size}")
 
 
 def _finish(ctx: CalibrationContext, weights: str, acts: str, cfg, **kw) -> dict:

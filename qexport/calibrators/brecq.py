@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from qexport.calibrators import register_calibrator
-from qexport.calibrators.adasg_config import parse_duration
+from qexport.duration import parse_duration
 from qexport.calibrators.base import CalibrationContext, calibrate_activations, set_weight_scales
 from qexport.calibrators.blocks import Block, block_module, find_blocks, layer_macs
 from qexport.calibrators.brecq_core import AdaRoundWeight, RoundingPhase, StepSizePhase, recon_loss
@@ -222,7 +222,9 @@ def reconstruct_block(sim, mod, block: Block, xq, yf, fisher, cfg: BrecqConfig, 
         step = StepSizePhase(mod, xq, yf, fisher, scales, lr=cfg.act_lr, total=act_iters,
                              batch_size=cfg.batch_size, seed=seed + 1, sync=sim.apply_shared_scales)
         n_act = _iters_for(step, act_iters, None if seconds is None else max(seconds - used, 0.0))
+        t0 = time.perf_counter()
         _run_phase(step, n_act, f"{label} act steps", quiet)
+        used += time.perf_counter() - t0
         for p in scales:
             p.requires_grad_(False)
         final = block_error(mod, xq, yf)
@@ -236,7 +238,7 @@ def reconstruct_block(sim, mod, block: Block, xq, yf, fisher, cfg: BrecqConfig, 
     return {"block": block.name, "residual": block.residual, "rtn_error": rtn, "rounded_error": rounded,
             "final_error": final, "iters": n_round, "act_iters": n_act,
             "kept": {"learned_rounding": learned, "learned_steps": steps_kept},
-            "seconds": round(time.perf_counter() - t_start, 3)}
+            "seconds": round(time.perf_counter() - t_start, 3), "loop_seconds": round(used, 3)}
 
 
 def _checkpoint(ctx: CalibrationContext, state: dict) -> None:

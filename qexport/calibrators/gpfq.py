@@ -1,4 +1,5 @@
-"""``--method gpfq``: greedy path-following post-training weight quantization (paper 004, methods.md section 3).
+"""``--method gpfq``: greedy path-following post-training weight quantization (paper 004,
+../shared/docs/methods.md section 3).
 
 Layer by layer in graph order. The float model and the partially quantized model are run side by side on the
 calibration images by a node-by-node interpreter of the traced graph that keeps every live tensor of both
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -37,28 +38,26 @@ AUTO_C_GRID = (0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.35, 1.5, 1.75, 2.0)
 
 @dataclass(frozen=True)
 class GPFQConfig:
-    """Options of ``gpfq``.
+    """Options of ``gpfq`` (each field's help is its CLI help: ``qexport calibrate --method gpfq --help``)."""
 
-    Attributes:
-        patch_prob: probability of keeping each conv patch (paper: 0.25).
-        c: step-size constant C of eq. 19, or ``auto`` to search it on the calibration data.
-        per_channel_step: one step per output channel (default; better than the paper's per-layer step).
-        bias_correction: add the mean output error on the calibration images to each layer's bias.
-        batch_size: images per chunk of the side-by-side run.
-        patch_stride: ``kernel`` (the paper: patches taken with stride = kernel size) or ``layer`` (the layer's
-            own stride, i.e. every output position).
-        c_grid: the values tried by ``c = auto``.
-        act_mode: activation range mode used afterwards when the plan quantizes activations.
-    """
-
-    patch_prob: float = 0.25
-    c: str | float = "auto"
-    per_channel_step: bool = True
-    bias_correction: bool = True
-    batch_size: int = 128
-    patch_stride: str = "kernel"
-    c_grid: tuple[float, ...] = AUTO_C_GRID
-    act_mode: str = "mse"
+    patch_prob: float = field(default=0.25, metadata={
+        "help": "probability of keeping each conv patch when accumulating the layer statistics (paper: 0.25)"})
+    c: str | float = field(default="auto", metadata={
+        "help": "step-size constant C of eq. 19, or 'auto' to search c_grid on the calibration data"})
+    per_channel_step: bool = field(default=True, metadata={
+        "off_flag": "--per-layer-step",
+        "help": "one step size per output channel (default; better than the paper's single per-layer step)"})
+    bias_correction: bool = field(default=True, metadata={
+        "help": "add the mean output error on the calibration images to each layer's bias"})
+    batch_size: int = field(default=128, metadata={"help": "images per chunk of the side-by-side float/quantized run"})
+    patch_stride: str = field(default="kernel", metadata={
+        "help": "'kernel' (the paper: patches with stride = kernel size) or 'layer' (the layer's own stride: "
+                "every output position)"})
+    c_grid: tuple[float, ...] = field(default=AUTO_C_GRID, metadata={
+        "help": "the values of C tried by --c auto (comma-separated)"})
+    act_mode: str = field(default="mse", metadata={
+        "help": "activation range mode (mse, minmax or percentile) used afterwards when the plan quantizes "
+                "activations"})
 
     def __post_init__(self) -> None:
         if not 0.0 < self.patch_prob <= 1.0:
@@ -67,6 +66,10 @@ class GPFQConfig:
             raise QexportError(f"--batch-size must be positive, got {self.batch_size}")
         if self.patch_stride not in ("kernel", "layer"):
             raise QexportError(f"patch_stride must be 'kernel' or 'layer', got {self.patch_stride!r}")
+        if self.act_mode not in ("mse", "minmax", "percentile"):
+            raise QexportError(f"act_mode must be mse, minmax or percentile, got {self.act_mode!r}")
+        if not self.c_grid or not all(math.isfinite(v) and v > 0 for v in self.c_grid):
+            raise QexportError(f"c_grid must be positive numbers, got {self.c_grid!r}")
         self.c_values()  # validates c
 
     def c_values(self) -> tuple[float, ...]:
@@ -264,8 +267,6 @@ def quantize_layer(w: torch.Tensor, st: LayerStats, bits: int, qmin: int, qmax: 
     delta = deltas.gather(1, pick[:, None])[:, 0]
     err = err_all.gather(1, pick[:, None])[:, 0]
     cc = torch.tensor(c_values, dtype=torch.float64, device=w.device)[pick]
-    best = (k, delta, cc, err, ref)
-    k, delta, cc, err, ref = best
     rel = math.sqrt(float(err.sum()) / max(float(ref.sum()), 1e-30))
     return k, delta, cc, {"sampled_rel_error": rel}
 
@@ -288,6 +289,9 @@ def calibrate_gpfq(ctx: CalibrationContext, cfg: GPFQConfig) -> dict:
     """
     if ctx.data is None:
         raise QexportError("--method gpfq needs calibration images: pass --data DIR (an image folder)")
+    if any(lp.weight.binary for lp in ctx.sim.plan.layers):
+        raise QexportError("--method gpfq has no binary {-1, +1} alphabet (its grid is mid-tread, with 0); use "
+                           "--method md or ste for 1-bit weights, or --bits w2a8 and up")
     started = time.time()
     sim, folded, device = ctx.sim, ctx.folded, ctx.device
     folded_device = next(iter(folded.parameters()), torch.zeros(0)).device

@@ -1,6 +1,6 @@
 """The GPFQ algorithm itself (greedy path-following quantization, Zhang, Zhou, Saab), free of models.
 
-Notation (methods.md section 3): one layer with weights ``W`` (N outputs x d inputs), float-path inputs
+Notation (../shared/docs/methods.md section 3): one layer with weights ``W`` (N outputs x d inputs), float-path inputs
 ``X`` (m x d) and quantized-path inputs ``X~`` (m x d) on the same m samples. For t = 1..d, vectorised over
 the N outputs::
 

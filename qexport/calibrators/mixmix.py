@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from qexport.calibrators import register_calibrator
-from qexport.calibrators.adasg_config import parse_duration
+from qexport.duration import parse_duration
 from qexport.calibrators.base import CalibrationContext
 from qexport.calibrators.brecq import BrecqConfig, calibrate_brecq
 from qexport.data.synthesize import SynthConfig

@@ -57,7 +57,7 @@ class SynthConfig:
             raise QexportError(f"--batch-size must be positive, got {self.batch_size}")
         if self.lr <= 0 or not 0.0 <= self.mix_prob <= 1.0 or not 0.0 <= self.jitter < 0.5:
             raise QexportError("synthesis needs lr > 0, mix_prob in [0, 1] and jitter in [0, 0.5)")
-        from qexport.calibrators.adasg_config import parse_duration
+        from qexport.duration import parse_duration
 
         b = parse_duration(self.time_budget)
         if b is not None and b <= 0:

@@ -114,7 +114,7 @@ def run_synthesis(zoo: list[ZooMember], num_classes: int, cfg: SynthConfig, seed
     Returns:
         (pixels in [0, 1] rounded to 8-bit levels, labels, info for synthesis.json).
     """
-    from qexport.calibrators.adasg_config import parse_duration
+    from qexport.duration import parse_duration
 
     members = zoo[:1] if cfg.mode == "bns" else zoo
     device = members[0].mean.device
@@ -214,7 +214,7 @@ def synthesize_folder(model: str, weights: str | None, zoo: tuple[str, ...], cfg
     """
     import shutil
 
-    from qexport.calibrate import resolve_device, work_dir_for
+    from qexport.device import resolve_device, work_dir_for
     from qexport.fileio import atomic_dir, check_output_free
     from qexport.models import load_model
 

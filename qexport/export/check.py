@@ -19,9 +19,9 @@ if TYPE_CHECKING:  # onnx and numpy stay lazy: ``import qexport`` must be fast
     import numpy as np
     import onnx
 
-TARGETS: tuple[str, ...] = ("onnxruntime", "tensorrt", "openvino")
-ALL: tuple[str, ...] = TARGETS
+ALL: tuple[str, ...] = ("*",)  # a rule of every registered target (qexport.quant.targets)
 FLOAT_NODES_KEY = "qexport.float_nodes"
+WEIGHT_GRIDS_KEY = "qexport.weight_grids"  # "init=binary,init2=int4": weight initializers on a grid below 8 bits
 MODEL_NODE = "<model>"
 
 
@@ -68,14 +68,16 @@ def register_rule(rule_id: str, targets: Iterable[str], description: str):
 
     Args:
         rule_id: unique short id.
-        targets: targets it applies to (a subset of ``TARGETS``).
+        targets: targets it applies to (registered target names, or ``ALL``).
         description: one line.
 
     Returns:
         The decorator; it returns the function unchanged.
     """
+    from qexport.quant.targets import list_targets
+
     targets = tuple(targets)
-    bad = [t for t in targets if t not in TARGETS]
+    bad = [t for t in targets if t not in list_targets() and targets != ALL]
     if bad:
         raise ValueError(f"rule {rule_id}: unknown targets {bad}")
 
@@ -93,9 +95,9 @@ def _load_rules() -> None:
 
 
 def _check_target(target: str) -> str:
-    if target not in TARGETS:
-        raise QexportError(f"unknown target {target!r}: choose one of {', '.join(TARGETS)}")
-    return target
+    from qexport.quant.targets import get_target
+
+    return get_target(target).name
 
 
 def list_rules(target: str | None = None) -> list[CheckRule]:
@@ -110,7 +112,7 @@ def list_rules(target: str | None = None) -> list[CheckRule]:
     _load_rules()
     if target is not None:
         _check_target(target)
-    return [r for r in _RULES.values() if target is None or target in r.targets]
+    return [r for r in _RULES.values() if target is None or target in r.targets or r.targets == ALL]
 
 
 class GraphIndex:
@@ -157,6 +159,7 @@ class GraphIndex:
         self.graph_outputs = {o.name for o in g.output}
         meta = {p.key: p.value for p in model.metadata_props}
         self.float_nodes = {s.strip() for s in meta.get(FLOAT_NODES_KEY, "").split(",") if s.strip()}
+        self.weight_grids = dict(e.strip().rsplit("=", 1) for e in meta.get(WEIGHT_GRIDS_KEY, "").split(",") if "=" in e)
 
     def label(self, node: onnx.NodeProto) -> str:
         """The node's name, or ``OpType#index(first output)`` for an unnamed node."""

@@ -1,4 +1,5 @@
-"""The QDQ rules of each target (see numerics.md), registered with :func:`qexport.export.check.register_rule`.
+"""The QDQ rules of each target (see ../shared/docs/numerics.md), registered with
+:func:`qexport.export.check.register_rule`.
 
 Rule ids: opset, onnx-checker, no-integer-ops, qdq-constant-params, scale-positive, scale-shape,
 trt-zero-point, ort-qdq-types, weight-per-channel, activation-per-tensor, quantized-inputs, residual-add,
@@ -238,6 +239,26 @@ def rule_weight_per_channel(model: onnx.ModelProto, ix: GraphIndex) -> list[Viol
     return out
 
 
+@register_rule("weight-grid", ALL, "weights recorded below 8 bits hold only their grid's integers (binary: -1, +1)")
+def rule_weight_grid(model: onnx.ModelProto, ix: GraphIndex) -> list[Violation]:
+    out = []
+    for name, grid in sorted(ix.weight_grids.items()):
+        q = ix.const(name)
+        if q is None:
+            out.append(Violation("weight-grid", name, f"the {grid} weight named in the metadata is not a constant"))
+            continue
+        if grid == "binary":
+            bad = int(((q != 1) & (q != -1)).sum())
+            want = "-1 or +1 (binary grid, no zero level)"
+        else:
+            b = int(grid[3:])
+            bad = int(((q < -(2 ** (b - 1))) | (q > 2 ** (b - 1) - 1)).sum())
+            want = f"in [{-(2 ** (b - 1))}, {2 ** (b - 1) - 1}] ({grid})"
+        if bad:
+            out.append(Violation("weight-grid", name, f"{bad} integers are not {want}"))
+    return out
+
+
 @register_rule("activation-per-tensor", TRT_ORT, "a Q of an activation has a scalar scale")
 def rule_activation_per_tensor(model: onnx.ModelProto, ix: GraphIndex) -> list[Violation]:
     out = []
@@ -272,8 +293,8 @@ def _quantized_compute(ix: GraphIndex, name: str) -> bool:
 @register_rule("residual-add", TRT_ORT, "a residual Add's inputs come from a DQ or straight from a quantized conv")
 def rule_residual_add(model: onnx.ModelProto, ix: GraphIndex) -> list[Violation]:
     """TensorRT: each input from a DQ or straight from a quantized Conv/Gemm/MatMul (placement rule of
-    architecture.md: conv + conv joins, as in ResNet downsample blocks, need no Q/DQ). onnxruntime (looser):
-    at least one input from a DQ, or every input straight from a quantized Conv/Gemm/MatMul."""
+    ../shared/docs/architecture.md: conv + conv joins, as in ResNet downsample blocks, need no Q/DQ).
+    onnxruntime (looser): at least one input from a DQ, or every input straight from a quantized Conv/Gemm/MatMul."""
     out = []
     for node in ix.nodes:
         if node.op_type != "Add" or len(node.input) != 2 or node.name in ix.float_nodes:

@@ -1,17 +1,17 @@
 """Recipe + target -> QDQ ONNX, and the FP32 ONNX of the same float model.
 
 QuantSim is traced in export mode: each quantizer becomes a ``qexport.*`` marker node naming its plan point.
-The markers are then replaced by the target's encoding of the recipe's integers (never re-quantized):
+The markers are then replaced by the target's encoding of the recipe's integers (never re-quantized): weights
+int8 per channel for every target; activations and bias as the target's descriptor says
+(qexport/quant/targets.py: uint8 with zero point 128 or 0 and an int32 bias DQ for onnxruntime and openvino,
+int8 with zero point 0 and a float bias on the int32 grid for tensorrt).
 
-| target       | activations                                   | weights            | bias                     |
-|--------------|-----------------------------------------------|--------------------|--------------------------|
-| onnxruntime  | uint8; zero point 128 (signed) or 0 (unsigned) | int8, per channel  | int32 DQ (x_scale*w_scale) |
-| tensorrt     | int8, zero point 0                            | int8, per channel  | float, on the int32 grid |
-| openvino     | as onnxruntime                                | int8, per channel  | as onnxruntime           |
+A recipe exports to a target only when its plan is the one that target places on the same model (same
+parity); otherwise the export is refused with a one-line error that says to recalibrate.
 
 Below 8 bits an activation is an 8-bit Q/DQ pair with the low-bit scale and a Clip to the low-bit range,
 which reproduces the low-bit quantization exactly in an INT8 engine (architecture.md). Where the Clip goes is
-per target (``CODE_CLIP_TARGETS``): on the integer codes between Q and DQ, ``Q -> Clip(codes, qmin + zp,
+per target (the descriptor's ``code_clip``, qexport/quant/targets.py): on the integer codes between Q and DQ, ``Q -> Clip(codes, qmin + zp,
 qmax + zp) -> DQ`` (onnxruntime: the Q -> DQ pattern around every conv stays intact, so ONNX Runtime fuses
 QLinearConv with a cheap integer Clip after it; a float Clip before Q stops that fusion), or on the float
 values before Q, ``Clip(x, qmin * s, qmax * s) -> Q -> DQ`` (TensorRT accepts only a Q feeding a DQ). The two
@@ -32,16 +32,15 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qexport import __version__
 from qexport.errors import QexportError
-from qexport.export.markers import DOMAIN
+from qexport.quant.markers import DOMAIN
 from qexport.fileio import atomic_file, check_output_free
-from qexport.quant.plan import TARGETS
 from qexport.quant.quantsim import aq_module_name
 from qexport.quant.spec import QuantSpec
+from qexport.quant.targets import get_target
 from qexport.recipe import QuantRecipe
 
 DEFAULT_OPSET = 17
 ERF_ENCODINGS = ("erf", "lookup")  # how aligned (AlignQ) activation points are written; see _GraphEditor._aligned
-CODE_CLIP_TARGETS = ("onnxruntime",)  # low-bit Clip on the integer codes (else on the float values before Q)
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 
 
@@ -63,8 +62,11 @@ def _trace_to_onnx(module: torch.nn.Module, input_shape: tuple[int, ...], opset:
     return onnx.load_from_string(buf.getvalue())
 
 
+_ONNX_DTYPES = {"uint8": TensorProto.UINT8, "int8": TensorProto.INT8}
+
+
 def act_encoding(spec: QuantSpec, target: str) -> tuple[int, int, tuple[int, int] | None]:
-    """ONNX encoding of an activation grid for a target.
+    """ONNX encoding of an activation grid for a target (its descriptor's encoding, as an ONNX element type).
 
     Args:
         spec: the activation grid (zero point 0 in the recipe).
@@ -73,16 +75,8 @@ def act_encoding(spec: QuantSpec, target: str) -> tuple[int, int, tuple[int, int
     Returns:
         (ONNX element type, zero point, clip range in integer levels or None when the 8-bit type suffices).
     """
-    if target == "tensorrt":
-        if not spec.signed and spec.bits == 8:
-            raise QexportError("this recipe has unsigned 8-bit activations (an onnxruntime plan), which TensorRT's "
-                               "int8 cannot hold; recalibrate with --target tensorrt")
-        dtype, zp, lo, hi = TensorProto.INT8, 0, -128, 127
-    else:
-        dtype, zp = TensorProto.UINT8, (128 if spec.signed else 0)
-        lo, hi = -zp, 255 - zp
-    clip = None if (spec.qmin, spec.qmax) == (lo, hi) else (spec.qmin, spec.qmax)
-    return dtype, zp, clip
+    dtype, zp, clip = get_target(target).act_encoding(spec)
+    return _ONNX_DTYPES[dtype], zp, clip
 
 
 def _exact_clip_bound(level: int, scale: np.float32, upper: bool) -> np.float32:
@@ -129,7 +123,7 @@ class _GraphEditor:
     """Rewrites marker nodes into Q/DQ nodes and integer initializers."""
 
     def __init__(self, model: onnx.ModelProto, recipe: QuantRecipe, target: str, erf_encoding: str = "erf"):
-        self.model, self.recipe, self.target = model, recipe, target
+        self.model, self.recipe, self.target = model, recipe, get_target(target)
         self.erf_encoding = erf_encoding
         self.graph = model.graph
         self.new_inits: list[TensorProto] = []
@@ -144,12 +138,12 @@ class _GraphEditor:
     def _act(self, node: onnx.NodeProto, point: str) -> list[onnx.NodeProto]:
         ap = self.plan_acts[point]
         scale = np.float32(self.recipe.act_scales[point])
-        dtype, zp, clip = act_encoding(ap.spec, self.target)
+        dtype, zp, clip = act_encoding(ap.spec, self.target.name)
         zp_arr = np.array(zp, dtype=np.uint8 if dtype == TensorProto.UINT8 else np.int8)
         s_name = self._const(f"{point}.act_scale", np.array(scale, dtype=np.float32))
         z_name = self._const(f"{point}.act_zero_point", zp_arr)
         src, out, nodes = node.input[0], node.output[0], []
-        if clip is not None and self.target in CODE_CLIP_TARGETS:
+        if clip is not None and self.target.code_clip:
             np_t = np.uint8 if dtype == TensorProto.UINT8 else np.int8
             lo = self._const(f"{point}.code_min", np.array(clip[0] + zp, dtype=np_t))
             hi = self._const(f"{point}.code_max", np.array(clip[1] + zp, dtype=np_t))
@@ -160,7 +154,7 @@ class _GraphEditor:
                                           name=f"{point}.DQ"))
             return nodes
         if clip is not None:
-            if self.target == "openvino":
+            if self.target.exact_clip_bounds:
                 lo_v, hi_v = _exact_clip_bound(clip[0], scale, False), _exact_clip_bound(clip[1], scale, True)
             else:
                 lo_v, hi_v = np.float32(clip[0]) * scale, np.float32(clip[1]) * scale
@@ -179,7 +173,7 @@ class _GraphEditor:
         ap = self.plan_acts[point]
         s_in = np.float32(self.recipe.sim_state[f"gm.{aq_module_name(point)}.in_scale"])
         s_out = np.float32(self.recipe.act_scales[point])
-        (t_in, zp_in, _), (t_out, zp_out, _) = act_encoding(ap.in_spec, self.target), act_encoding(ap.spec, self.target)
+        (t_in, zp_in, _), (t_out, zp_out, _) = act_encoding(ap.in_spec, self.target.name), act_encoding(ap.spec, self.target.name)
         npt = lambda t: np.uint8 if t == TensorProto.UINT8 else np.int8  # noqa: E731
         si = self._const(f"{point}.in_scale", np.array(s_in, dtype=np.float32))
         zi = self._const(f"{point}.in_zero_point", np.array(zp_in, dtype=npt(t_in)))
@@ -193,7 +187,7 @@ class _GraphEditor:
             offset = ap.in_spec.qmin - (-zp_in)  # index = code - in_qmin, the uint8 code itself when zp_in = 0
             if offset != 0 or t_in != TensorProto.UINT8:
                 raise QexportError(f"aligned point {point}: the lookup encoding needs uint8 incoming codes; "
-                                   f"export for {self.target} with --erf-encoding erf")
+                                   f"export for {self.target.name} with --erf-encoding erf")
             nodes += [helper.make_node("Cast", [f"{p}.in_q"], [f"{p}.in_index"], name=f"{p}.Cast", to=TensorProto.INT32),
                       helper.make_node("Gather", [tab, f"{p}.in_index"], [f"{p}.q"], name=f"{p}.Lookup", axis=0)]
         else:
@@ -224,7 +218,7 @@ class _GraphEditor:
             return []
         bias_scale = np.float32(self.recipe.act_scales[point]) * self.recipe.weight_scales[layer].numpy().astype(np.float32)
         q = np.clip(np.round(b / bias_scale), -(2**31), 2**31 - 1).astype(np.int64)
-        if self.target == "tensorrt":  # TensorRT takes a float bias; give it the int32-grid values QuantSim uses
+        if self.target.bias == "float":  # e.g. TensorRT: float values on the int32 grid that QuantSim uses
             self._const(node.output[0], (q.astype(np.float32) * bias_scale).astype(np.float32))
             return []
         qn = self._const(f"{layer}.bias_int32", q.astype(np.int32))
@@ -316,13 +310,39 @@ def recipe_fingerprint(recipe_dir: str | Path) -> str:
     return h.hexdigest()
 
 
+def check_plan_fits(recipe: QuantRecipe, target: str, folded: torch.nn.Module | None = None) -> None:
+    """Refuse to export a recipe whose plan has points or grids the target's engine does not compute as QuantSim.
+
+    The target's plan policy (qexport/quant/targets.py) says what its engine takes: a plan with fusion points
+    (the onnxruntime plan) goes only to targets that take them, one with unsigned 8-bit grids only to targets that
+    hold them. Everything else exports exactly (the file computes what QuantSim computes): e.g. a tensorrt plan
+    for onnxruntime, an openvino plan for onnxruntime or tensorrt at W4A4.
+
+    Args:
+        recipe: the recipe.
+        target: the export target.
+        folded: unused (kept for callers that pass the float model).
+    """
+    made_for, policy = recipe.plan.target, get_target(target).plan
+    fusion = [ap.name for ap in recipe.plan.activations if ap.role == "fusion"]
+    unsigned8 = [ap.name for ap in recipe.plan.activations if ap.spec.bits == 8 and not ap.spec.signed]
+    why = None
+    if unsigned8 and not policy.unsigned_8bit:
+        why = f"unsigned 8-bit activations ({unsigned8[0]}, ...), which {target} cannot hold"
+    elif fusion and not policy.fusion_points:
+        why = f"fusion points ({fusion[0]}, ...), which the {target} engine does not compute as QuantSim does"
+    if why:
+        raise QexportError(f"this recipe was calibrated with the {made_for} plan, with {why}; "
+                           f"recalibrate with --target {target}")
+
+
 def build_qdq_model(recipe: QuantRecipe, target: str, opset: int = DEFAULT_OPSET, meta: dict | None = None,
                     erf_encoding: str = "erf") -> onnx.ModelProto:
     """The QDQ ONNX model of a recipe for a target (in memory).
 
     Args:
         recipe: the recipe.
-        target: ``onnxruntime``, ``tensorrt`` or ``openvino``.
+        target: a registered target (``onnxruntime``, ``tensorrt``, ``openvino``).
         opset: ONNX opset (>= 13).
         meta: extra metadata_props.
         erf_encoding: aligned activation points as ``erf`` (DQ -> Mul -> Erf -> Mul -> Q) or ``lookup`` (the
@@ -331,8 +351,7 @@ def build_qdq_model(recipe: QuantRecipe, target: str, opset: int = DEFAULT_OPSET
     Returns:
         The validated ONNX model.
     """
-    if target not in TARGETS:
-        raise QexportError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    get_target(target)
     if opset < 13:
         raise QexportError(f"--opset {opset} is too old: per-channel Q/DQ needs opset 13 or newer")
     if erf_encoding not in ERF_ENCODINGS:
@@ -341,12 +360,19 @@ def build_qdq_model(recipe: QuantRecipe, target: str, opset: int = DEFAULT_OPSET
         act_encoding(ap.spec, target)
         if ap.kind == "erf":
             _check_aligned_target(ap, target, erf_encoding)
-    sim = recipe.build_quantsim()
+    folded = recipe.build_float_model()
+    check_plan_fits(recipe, target, folded)
+    sim = recipe.build_quantsim(folded)
     with sim.export_mode(), torch.no_grad():
         model = _trace_to_onnx(sim, recipe.model.input_shape, opset)
     model = _GraphEditor(model, recipe, target, erf_encoding).rewrite()
     info = {"qexport.kind": "qdq", "qexport.target": target, "qexport.bits": recipe.plan.bits.label,
             "qexport.model": recipe.model.spec, "qexport.method": recipe.provenance.get("method", "")}
+    # Each weight initializer's grid below 8 bits ("binary" or "intN"), so `qexport check` can test its integers.
+    low = [f"{lp.name}.weight_int8={'binary' if lp.weight.binary else f'int{lp.weight.bits}'}"
+           for lp in recipe.plan.layers if lp.weight.bits < 8]
+    if low:
+        info["qexport.weight_grids"] = ",".join(low)
     if any(ap.kind == "erf" for ap in recipe.plan.activations):
         info["qexport.erf_encoding"] = erf_encoding
     if recipe.plan.float_layers:

@@ -4,6 +4,8 @@ code that looks for modules (BN folding, quantization placement) works on export
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import operator
 import os
 from pathlib import Path
@@ -15,6 +17,18 @@ import torch.nn as nn
 from qexport.errors import QexportError
 
 aten = torch.ops.aten
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str):
+    """Silence one logger (not its children) for the duration of the block."""
+    logger = logging.getLogger(name)
+    was = logger.disabled
+    logger.disabled = True
+    try:
+        yield
+    finally:
+        logger.disabled = was
 
 
 def load_pt2(path: str | os.PathLike) -> tuple[fx.GraphModule, tuple[int, ...] | None]:
@@ -30,7 +44,8 @@ def load_pt2(path: str | os.PathLike) -> tuple[fx.GraphModule, tuple[int, ...] |
     if not p.is_file():
         raise QexportError(f"exported program {p} not found; check the path")
     try:
-        ep = torch.export.load(str(p))
+        with _quiet_logger("torch.export"):  # it logs a traceback for a bad archive before trying the old format
+            ep = torch.export.load(str(p))
     except Exception as e:  # noqa: BLE001 - torch raises many types for bad archives
         first = (str(e).splitlines() or [type(e).__name__])[0]
         raise QexportError(f"cannot load {p} as a torch.export program ({first[:150]}); save it with torch.export.save") from None

@@ -68,9 +68,9 @@ def ort_encoding(spec) -> tuple[int, bool]:
     Returns:
         (uint8 zero point, True when the exporter clips the codes to a low-bit grid after the Q).
     """
-    from qexport.export.qdq import act_encoding
+    from qexport.quant.targets import get_target
 
-    _, zp, clip = act_encoding(spec, "onnxruntime")
+    _, zp, clip = get_target("onnxruntime").act_encoding(spec)
     return zp, clip is not None
 
 

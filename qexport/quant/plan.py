@@ -1,11 +1,12 @@
 """The placement plan: which tensors are quantized, with which grid, for one target.
 
 The plan is derived once from the BN-folded float graph and stored in the recipe; QuantSim and the
-exporter both read it, so they quantize exactly the same tensors (architecture.md, invariant 1).
+exporter both read it, so they quantize exactly the same tensors (../shared/docs/architecture.md, invariant 1).
 
-Placement (architecture.md): weights of every Conv2d/Linear per output channel; the input tensor of every
+Placement (../shared/docs/architecture.md): weights of every Conv2d/Linear per output channel; the input tensor of every
 quantized layer per tensor; for a residual Add, the input that does not come straight from a quantized layer.
-For ``onnxruntime`` (``FUSION_TARGETS``) there are ``fusion`` points too, so that nothing runs in float: at
+Each target's plan policy (qexport/quant/targets.py) adds the rest: ``tensorrt`` takes no unsigned 8-bit grid;
+where ``fusion_points`` is set (``onnxruntime``) there are ``fusion`` points, so nothing runs in float: at
 every activation width, 8-bit points on the conv outputs feeding an Add (QLinearConv + QLinearAdd; without
 them that conv runs in float) and on a residual block's output that no layer input point covers (the last
 block: QLinearAdd); and a point on the average pool in front of the classifier (QLinearGlobalAveragePool) with
@@ -23,12 +24,11 @@ from torch import fx
 from qexport.errors import QexportError
 from qexport.quant import graph_ops
 from qexport.quant.spec import BitsConfig, QuantSpec, activation_spec, weight_spec
+from qexport.quant.targets import get_target
 
-TARGETS = ("onnxruntime", "tensorrt", "openvino")
 PLAN_VERSION = 1
-ACT_KINDS = ("linear", "erf")
-FUSION_TARGETS = ("onnxruntime",)  # targets whose plan adds the fusion points (module docstring)
 FUSION_BITS = 8
+ACT_KINDS = ("linear", "erf")
 
 
 @dataclass(frozen=True)
@@ -169,8 +169,6 @@ def _add_tail_points(gm: fx.GraphModule, nodes: list, last: LayerPoint, last_nod
     if pool.name != last.input_point and graph_ops.is_average(gm, pool) and pool.name not in acts:
         # The classifier input's grid: its point (after Flatten) then shares this scale and re-rounds nothing.
         add_act(pool, acts[last.input_point].spec.bits, "fusion")
-
-
 def _check_layer_names(bits: BitsConfig, names: list[str], keep_float: tuple[str, ...]) -> None:
     """Every per-layer width must name a quantized layer of the model (close names suggested)."""
     import difflib
@@ -190,6 +188,8 @@ def build_plan(gm: fx.GraphModule, target: str, bits: BitsConfig, keep_float: tu
 
     Args:
         gm: the BN-folded float model as a torch.fx GraphModule.
+        target: a registered target (qexport.quant.targets); its plan policy says which grids and points it takes.
+        bits: bit widths; ``first_last_bits`` applies to the first and last quantized layer.
         target: ``onnxruntime``, ``tensorrt`` or ``openvino``.
         bits: bit widths; ``first_last_bits`` applies to the first and last quantized layer, ``layer_bits``
             (mixed precision) to the layers it names.
@@ -198,8 +198,7 @@ def build_plan(gm: fx.GraphModule, target: str, bits: BitsConfig, keep_float: tu
     Returns:
         The QuantPlan.
     """
-    if target not in TARGETS:
-        raise QexportError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    policy = get_target(target).plan
     nodes = list(gm.graph.nodes)
     for node in nodes:
         if graph_ops.is_unsupported_weighted(gm, node) and node.target not in keep_float:
@@ -213,9 +212,9 @@ def build_plan(gm: fx.GraphModule, target: str, bits: BitsConfig, keep_float: tu
     layer_nodes = [n for n in nodes if graph_ops.is_quantizable_layer(gm, n) and n.target not in keep_float]
     if not layer_nodes:
         raise QexportError("the model has no Conv2d or Linear layer to quantize")
-    # TensorRT has only signed int8 activations; unsigned grids below 8 bits still fit int8 (numerics.md).
+    # An int8-only engine (TensorRT) has no unsigned 8-bit grid; unsigned grids below 8 bits still fit int8.
     nonneg = graph_ops.non_negative_nodes(gm)
-    unsigned_ok = lambda b: target != "tensorrt" or b < 8  # noqa: E731
+    unsigned_ok = lambda b: policy.unsigned_8bit or b < 8  # noqa: E731
     edge = {layer_nodes[0].name, layer_nodes[-1].name}
 
     acts: dict[str, ActPoint] = {}
@@ -242,7 +241,7 @@ def build_plan(gm: fx.GraphModule, target: str, bits: BitsConfig, keep_float: tu
         layers.append(LayerPoint(n.target, kind, weight_spec(w_bits), point))
 
     if bits.act_bits is not None:
-        fusion = target in FUSION_TARGETS
+        fusion = policy.fusion_points
         quantized_layer_nodes = {n.name for n in layer_nodes}
         for node in nodes:
             if not graph_ops.is_residual_add(node):

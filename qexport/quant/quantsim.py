@@ -53,7 +53,7 @@ class ActQuantizer(nn.Module):
         if self.observer is not None:
             self.observer(x)
         if self.export_mode:
-            from qexport.export.markers import act_marker, aligned_marker
+            from qexport.quant.markers import act_marker, aligned_marker
 
             return aligned_marker(x, self.point_name) if self.kind == "erf" else act_marker(x, self.point_name)
         if self.kind == "erf":
@@ -65,7 +65,7 @@ class ActQuantizer(nn.Module):
             return aligned_forward(x, self.in_scale, self.in_spec, self.gain, self.scale.detach(), self.spec)
         if not self.enabled:
             return x
-        return fake_quant(x, self.scale, self.spec.qmin, self.spec.qmax)
+        return fake_quant(x, self.scale, self.spec.qmin, self.spec.qmax, self.spec.binary)
 
     def incoming(self) -> tuple[torch.Tensor, QuantSpec]:
         """(scale, grid) of the codes the producer of this tensor writes (the fused output of the layer before).
@@ -94,11 +94,12 @@ class WeightQuantizer(nn.Module):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return w
-        return fake_quant(w, channel_view(self.scale, w.dim()), self.spec.qmin, self.spec.qmax)
+        return fake_quant(w, channel_view(self.scale, w.dim()), self.spec.qmin, self.spec.qmax, self.spec.binary)
 
     def int_weight(self, w: torch.Tensor) -> torch.Tensor:
-        """Integer levels of ``w`` on this grid (int8)."""
-        return quantize_to_int(w, channel_view(self.scale, w.dim()), self.spec.qmin, self.spec.qmax)
+        """Integer levels of ``w`` on this grid (int8; binary grids give only -1 and +1)."""
+        return quantize_to_int(w, channel_view(self.scale, w.dim()), self.spec.qmin, self.spec.qmax,
+                               self.spec.binary)
 
 
 class _QuantLayerMixin:
@@ -137,7 +138,7 @@ class _QuantLayerMixin:
             # The engine adds an int32 bias: round it to that grid (straight-through).
             b = fake_quant(b, bs, -(2**31), 2**31 - 1)
         if self.export_mode:
-            from qexport.export.markers import bias_marker, weight_marker
+            from qexport.quant.markers import bias_marker, weight_marker
 
             w = weight_marker(self.weight, self.layer_name)
             b = bias_marker(self.bias, self.layer_name) if self.bias is not None else None

@@ -1,6 +1,6 @@
 """Quantizer specifications and the ``--bits`` grammar (``w4a8``, ``w8a8``, ``w4``, ``w4a32``).
 
-Conventions (see numerics.md): weights symmetric per output channel with zero point 0, narrow range
+Conventions (see ../shared/docs/numerics.md): weights symmetric per output channel with zero point 0, narrow range
 [-127, 127] at 8 bits and full range [-2^(b-1), 2^(b-1)-1] below; activations per tensor, zero point 0,
 unsigned [0, 2^b - 1] where the tensor is provably non-negative, else signed symmetric.
 """
@@ -19,8 +19,11 @@ MIN_BITS, MAX_BITS = 1, 8
 class QuantSpec:
     """An integer grid ``q in [qmin, qmax]``, value = q * scale (zero point 0 in the recipe).
 
+    A signed 1-bit grid is *binary*: the two levels {-1, +1}, with no zero level (``binary``); ``qmin``/``qmax``
+    are its ends and :meth:`grid` lists the levels. Every other grid holds every integer in [qmin, qmax].
+
     Args:
-        bits: bit width, 1..8 (1 = binary weights {-1, +1}, mirror descent).
+        bits: bit width, 1..8 (1 = binary weights {-1, +1}: QAT methods ``md`` and ``ste``).
         signed: signed grid, else unsigned [0, 2^b - 1].
         narrow: drop the most negative level (symmetric [-(2^(b-1)-1), 2^(b-1)-1]).
     """
@@ -48,8 +51,32 @@ class QuantSpec:
         return 2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits - 1
 
     @property
+    def binary(self) -> bool:
+        """The binary grid {-1, +1} (signed 1-bit): no zero level; values round to the sign, 0 to +1."""
+        return self.bits == 1 and self.signed
+
+    @property
     def levels(self) -> int:
-        return self.qmax - self.qmin + 1
+        return 2 if self.binary else self.qmax - self.qmin + 1
+
+    def grid(self) -> tuple[int, ...]:
+        """Every integer level of the grid, ascending ((-1, 1) for binary)."""
+        return (-1, 1) if self.binary else tuple(range(self.qmin, self.qmax + 1))
+
+    def holds(self, q) -> bool:
+        """Whether every integer of tensor ``q`` is a level of this grid (binary: no zeros).
+
+        Args:
+            q: an integer-valued tensor.
+
+        Returns:
+            True when all values are levels.
+        """
+        if q.numel() == 0:
+            return True
+        if int(q.min()) < self.qmin or int(q.max()) > self.qmax:
+            return False
+        return not (self.binary and bool((q == 0).any()))
 
     def to_dict(self) -> dict:
         return {"bits": self.bits, "signed": self.signed, "narrow": self.narrow}
@@ -60,7 +87,7 @@ class QuantSpec:
 
 
 def weight_spec(bits: int) -> QuantSpec:
-    """The weight grid for ``bits``: narrow at 8 bits, full range below (numerics.md).
+    """The weight grid for ``bits``: narrow at 8 bits, full range below (../shared/docs/numerics.md).
 
     Args:
         bits: weight bit width.

@@ -6,13 +6,14 @@ As in Polygraphy, the public :meth:`Runner.infer` checks its input and calls the
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from qexport.errors import QexportError
-from qexport.verify.latency import LatencyStats, measure
+from qexport.latency import LatencyStats, measure
 
 
 class Runner(abc.ABC):
@@ -128,6 +129,25 @@ class Runner(abc.ABC):
         """
         return measure(self.timed_call(batch_size), warmup, iters, min_time_s, batch_size=batch_size)
 
+    @classmethod
+    def expose_tensors(cls, engine_dir: Path, names: Sequence[str],
+                       threads: int | None = None) -> tuple[Callable[[np.ndarray], dict], set[str]] | None:
+        """Load the engine's INT8 model with some intermediate tensors as extra outputs (per-layer divergence).
+
+        Backends that can add outputs override this; the default says they cannot.
+
+        Args:
+            engine_dir: an engine folder of this runtime.
+            names: tensor names of the exported ONNX file (e.g. ``<point>.q``, the codes of an activation point).
+            threads: CPU threads (None: the engine's).
+
+        Returns:
+            None when this runtime cannot expose tensors; else (a call mapping an input batch to
+            ``{name: array}`` for every exposed tensor plus ``"__output__"`` for the model output, the set of
+            names it exposes: those the engine still computes after its optimizations).
+        """
+        return None
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(target={self.target!r}, which={self.which!r}, threads={self.threads})"
 
@@ -136,6 +156,7 @@ class Runtime(abc.ABC):
     """A registered runtime backend: builds engine folders and loads runners from them."""
 
     name: str = ""
+    runner: type[Runner] = Runner  # the Runner class its engines load into
 
     @abc.abstractmethod
     def build_engine(self, onnx_path: Path, out_dir: Path, *, fp32_onnx: Path | None = None,

@@ -20,6 +20,8 @@ gives the same outputs as the in-memory session it came from.
 
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +97,41 @@ class OrtRunner(Runner):
     def _infer(self, x: np.ndarray) -> np.ndarray:
         return self.session.run([self.output_name], {self.input_name: x})[0]
 
+    @classmethod
+    def expose_tensors(cls, engine_dir: Path, names: Sequence[str],
+                       threads: int | None = None) -> tuple[Callable[[np.ndarray], dict], set[str]]:
+        """The engine's optimized INT8 model with the named tensors it still computes added as graph outputs.
+
+        Args:
+            engine_dir: an onnxruntime engine folder.
+            names: tensor names.
+            threads: intra-op threads (None: the engine's).
+
+        Returns:
+            (call: batch -> ``{name: array, "__output__": logits}``, the names exposed).
+        """
+        import onnx
+
+        meta = read_engine_meta(engine_dir, target="onnxruntime", which="int8")
+        model = onnx.load(str(Path(engine_dir) / meta["models"]["int8"]))
+        produced = {o for n in model.graph.node for o in n.output}
+        have = [n for n in names if n in produced]
+        existing = {o.name for o in model.graph.output}
+        model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in have if n not in existing)
+        level = (meta.get("optimization") or {}).get("load", "ORT_ENABLE_ALL")
+        with tempfile.TemporaryDirectory(prefix="qexport-expose-") as tmp:
+            path = Path(tmp) / "exposed.onnx"
+            onnx.save(model, str(path))
+            session = _session(path, resolve_threads(threads if threads is not None else meta.get("threads")), level)
+        in_name = session.get_inputs()[0].name
+        out_names = [o.name for o in session.get_outputs()]
+
+        def run(x: np.ndarray) -> dict:
+            res = session.run(None, {in_name: x})
+            return {**dict(zip(out_names, res)), "__output__": res[0]}
+
+        return run, set(have)
+
 
 def _example_batch(shape: list, seed: int = 0) -> np.ndarray:
     batch = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else 2
@@ -105,6 +142,8 @@ def _example_batch(shape: list, seed: int = 0) -> np.ndarray:
 @register_runtime("onnxruntime")
 class OnnxRuntime(Runtime):
     """ONNX Runtime on the CPU execution provider."""
+
+    runner = OrtRunner
 
     def build_engine(self, onnx_path: Path, out_dir: Path, *, fp32_onnx: Path | None = None,
                      threads: int | None = None, force: bool = False, opt_level: str = "extended",

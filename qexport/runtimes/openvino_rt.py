@@ -20,6 +20,7 @@ model reports and a count of the runtime precision of every executed node (``run
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -140,10 +141,58 @@ class OpenVinoRunner(Runner):
         self.request.infer({0: x})
         return np.array(self.request.get_output_tensor(0).data, copy=True)
 
+    @classmethod
+    def expose_tensors(cls, engine_dir: Path, names: Sequence[str],
+                       threads: int | None = None) -> tuple[Callable[[np.ndarray], dict], set[str]]:
+        """The engine's INT8 IR with the named tensors it still holds added as outputs, compiled without cache.
+
+        Args:
+            engine_dir: an openvino engine folder.
+            names: tensor names.
+            threads: inference threads (None: the engine's).
+
+        Returns:
+            (call: batch -> ``{name: array, "__output__": logits}``, the names exposed).
+        """
+        ov = _ov()
+        meta = read_engine_meta(engine_dir, target="openvino", which="int8")
+        core = ov.Core()
+        model = core.read_model(str(Path(engine_dir) / meta["models"]["int8"]))
+        tensors = {}
+        for op in model.get_ordered_ops():
+            for out in op.outputs():
+                for n in out.get_names():
+                    tensors.setdefault(n, out)
+        have = [n for n in names if n in tensors]
+        if have:
+            model.add_outputs([tensors[n] for n in have])
+        props = model_properties(meta, "int8")
+        props.pop("CACHE_DIR", None)  # a throw-away model: keep the engine's cache clean
+        props["INFERENCE_NUM_THREADS"] = resolve_threads(threads if threads is not None else meta.get("threads"))
+        compiled = core.compile_model(model, DEVICE, props)
+        request = compiled.create_infer_request()
+        outs = list(compiled.outputs)
+
+        def run(x: np.ndarray) -> dict:
+            request.infer({0: x})
+            res = {}
+            for i, o in enumerate(outs):
+                arr = np.array(request.get_output_tensor(i).data, copy=True)
+                if i == 0:
+                    res["__output__"] = arr
+                for n in o.get_names():
+                    res[n] = arr
+            return res
+
+        return run, set(have)
+
 
 @register_runtime("openvino")
 class OpenVino(Runtime):
     """OpenVINO on the CPU plugin."""
+
+    runner = OpenVinoRunner
+
 
     def build_engine(self, onnx_path: Path, out_dir: Path, *, fp32_onnx: Path | None = None,
                      threads: int | None = None, force: bool = False, precision: str | None = "f32",

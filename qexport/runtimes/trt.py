@@ -27,7 +27,7 @@ from qexport.runtimes import register_runtime
 from qexport.runtimes.base import Runner, Runtime
 from qexport.runtimes.engine_folder import (engine_meta, io_names, read_engine_meta, resolve_threads, source_specs,
                                      write_engine_json)
-from qexport.verify.latency import LatencyStats, stats_from_durations
+from qexport.latency import LatencyStats, stats_from_durations
 
 TIMING_CACHE = "timing.cache"
 _FP32_MODES = ("tf32", "fp32", "fp16", "strongly_typed")
@@ -198,6 +198,8 @@ class TensorRTRunner(Runner):
 @register_runtime("tensorrt")
 class TensorRT(Runtime):
     """TensorRT 10 on an NVIDIA GPU."""
+
+    runner = TensorRTRunner
 
     def build_engine(self, onnx_path: Path, out_dir: Path, *, fp32_onnx: Path | None = None,
                      threads: int | None = None, force: bool = False, min_batch: int = 1, opt_batch: int = 1,

@@ -1,5 +1,6 @@
 """The shared training loop (``qexport.training.loop``) and its torch.distributed helpers
-(``qexport.training.distributed``); read loop.py's docstring to put a method on it."""
+(``qexport.training.distributed``); read loop.py's docstring to put a method on it. QAT data:
+:mod:`qexport.training.qat_data`."""
 
 from qexport.training.distributed import DistInfo, init_from_env
 from qexport.training.loop import Callbacks, LoopConfig, StepInfo, TrainLoop

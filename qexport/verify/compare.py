@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +52,6 @@ class VerifyConfig:
     force: bool = False
     quiet: bool = False
     divergence: bool = True
-    extra: dict = field(default_factory=dict)
     more_data: tuple[Path, ...] = ()
 
 
@@ -104,9 +103,10 @@ def verify(cfg: VerifyConfig) -> tuple[dict, Path]:
     # The reference is QuantSim computing what the engine's integer kernels compute, where it can; the float
     # QuantSim (exact accumulation) is kept alongside for comparison.
     float_sim = None
-    if _engine_arithmetic_applies(meta, recipe):
+    arithmetic = engine_arithmetic_for(meta, recipe)
+    if arithmetic is not None:
         float_sim = sim
-        sim = recipe.build_quantsim(folded).set_exact_accumulation(True).set_engine_arithmetic("onnxruntime")
+        sim = recipe.build_quantsim(folded).set_exact_accumulation(True).set_engine_arithmetic(arithmetic)
     models = {"fp32": folded, "quantsim": sim, "quantsim_float": float_sim, "engine": engine.infer,
               "fp32_engine": fp32_engine.infer if fp32_engine is not None else None}
     accuracy = _evaluate(ds, idx, models, cfg)
@@ -126,6 +126,9 @@ def verify(cfg: VerifyConfig) -> tuple[dict, Path]:
         "accuracy": accuracy,
         "latency": benchmark_engines(engine, fp32_engine, cfg.bench_batch_sizes, cfg.bench_iters),
     }
+    from qexport.verify.size import model_size
+
+    report["model_size"] = model_size(recipe)
     report["checks"] = threshold_checks(accuracy, cfg.max_drop, cfg.min_agreement)
     if data_sets:
         report["data_sets"] = [{"path": str(cfg.data), "count": int(len(idx)), "labelled": ds.labelled,
@@ -136,12 +139,9 @@ def verify(cfg: VerifyConfig) -> tuple[dict, Path]:
                 report["checks"].append({**c, "name": f"{c['name']} on {Path(d['path']).name}"})
     report["passed"] = all(c["passed"] for c in report["checks"])
     if cfg.divergence and not report["passed"]:
-        try:
-            from qexport.verify.divergence import first_divergent_layer
-        except ImportError:  # the per-layer report is optional in this build
-            first_divergent_layer = None
-        if first_divergent_layer is not None:
-            report["divergence"] = first_divergent_layer(cfg.engine, recipe, sim, ds, idx[: min(len(idx), 64)])
+        from qexport.verify.divergence import first_divergent_layer
+
+        report["divergence"] = first_divergent_layer(cfg.engine, recipe, sim, ds, idx[: min(len(idx), 64)])
     from qexport.verify.report import write_report
 
     with atomic_dir(out, force=cfg.force) as tmp:
@@ -185,14 +185,28 @@ def _mean_accuracy(rows: list[dict]) -> dict:
     return {k: float(np.mean([r[k] for r in rows])) for k in keys}
 
 
-def _engine_arithmetic_applies(meta: dict, recipe) -> bool:
-    """True when QuantSim can compute the engine's integer arithmetic: an onnxruntime engine of an onnxruntime
-    plan, exported for onnxruntime, on a CPU whose kernels are emulated (x86-64)."""
+def engine_arithmetic_for(meta: dict, recipe) -> str | None:
+    """The engine integer arithmetic QuantSim can compute for an engine, if any.
+
+    It applies when the export target's descriptor names one, the recipe's plan is that target's, the engine
+    was built by one of the target's runtimes, and the CPU's kernels are emulated (x86-64).
+
+    Args:
+        meta: the engine's ``engine.json``.
+        recipe: the QuantRecipe.
+
+    Returns:
+        The name for ``QuantSim.set_engine_arithmetic`` or None.
+    """
     from qexport.quant.engine_arith import emulated_here
+    from qexport.quant.targets import get_target
 
     export_target = (meta.get("source_metadata") or {}).get("qexport.target") or recipe.plan.target
-    return (meta.get("target") == "onnxruntime" and recipe.plan.target == "onnxruntime"
-            and export_target == "onnxruntime" and emulated_here())
+    target = get_target(export_target)
+    if (target.integer_arithmetic is None or recipe.plan.target != export_target
+            or meta.get("target") not in target.runtimes or not emulated_here()):
+        return None
+    return target.integer_arithmetic
 
 
 def accuracy_metrics(L: dict[str, np.ndarray], labels: np.ndarray | None) -> dict:
@@ -237,7 +251,7 @@ def benchmark_engines(engine, fp32_engine, batch_sizes, iters: int) -> list[dict
     Returns:
         One row per batch size with ``int8``, ``fp32`` (LatencyStats dicts) and ``speedup``.
     """
-    from qexport.verify.latency import interleaved_compare
+    from qexport.latency import interleaved_compare
 
     rows = []
     for b in batch_sizes:
@@ -277,5 +291,12 @@ def threshold_checks(acc: dict, max_drop: float | None, min_agreement: float | N
 
 
 def load_report(folder: Path) -> dict:
-    """Read a report.json written by verify."""
+    """Read a report.json written by verify.
+
+    Args:
+        folder: the report folder.
+
+    Returns:
+        The report dictionary.
+    """
     return json.loads((Path(folder) / "report.json").read_text())

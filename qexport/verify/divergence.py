@@ -13,15 +13,15 @@ or when the mean absolute difference exceeds ``mean_steps`` (default 0.5 step). 
 point, a layer computed at a lower precision, a missing bias all depart at once, by many steps, on many
 values; the first point that departs names the layer to look at.
 
-Runtimes: ``onnxruntime`` and ``openvino`` (``register_exposer`` adds others). Adding outputs can change how
+Runtimes expose the tensors through their runner class's public ``expose_tensors`` (``onnxruntime`` and
+``openvino`` do; a runtime that cannot returns None and the report says so). Adding outputs can change how
 a runtime fuses the graph; the report says how far the exposed engine's final output moved from the plain
 engine's (``exposed_output_max_diff``), so a reader knows how faithful the per-point codes are.
 """
 
 from __future__ import annotations
 
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -29,90 +29,6 @@ import torch
 
 DEFAULT_TOLERANCE = 0.005
 DEFAULT_MEAN_STEPS = 0.5
-
-# runtime name -> fn(engine_dir, meta, tensor_names, threads) -> (callable x -> {name: array, "__output__": logits},
-#                                                                 set of names it exposes)
-_EXPOSERS: dict[str, Callable] = {}
-
-
-def register_exposer(target: str) -> Callable:
-    """Register how a runtime exposes intermediate tensors of its engine folder (decorator)."""
-
-    def deco(fn: Callable) -> Callable:
-        _EXPOSERS[target] = fn
-        return fn
-
-    return deco
-
-
-@register_exposer("onnxruntime")
-def _expose_ort(engine_dir: Path, meta: dict, names: list[str], threads: int | None):
-    import onnx
-
-    from qexport.runtimes.engine_folder import resolve_threads
-    from qexport.runtimes.onnxrt import _session
-
-    path = Path(engine_dir) / meta["models"]["int8"]
-    model = onnx.load(str(path))
-    produced = {o for n in model.graph.node for o in n.output}
-    have = [n for n in names if n in produced]
-    existing = {o.name for o in model.graph.output}
-    for n in have:
-        if n not in existing:
-            model.graph.output.append(onnx.ValueInfoProto(name=n))
-    level = (meta.get("optimization") or {}).get("load", "ORT_ENABLE_ALL")
-    tmp = tempfile.TemporaryDirectory(prefix="qexport-div-")
-    mod_path = Path(tmp.name) / "exposed.onnx"
-    onnx.save(model, str(mod_path))
-    session = _session(mod_path, resolve_threads(threads if threads is not None else meta.get("threads")), level)
-    in_name = session.get_inputs()[0].name
-    out_names = [o.name for o in session.get_outputs()]
-
-    def run(x: np.ndarray) -> dict:
-        res = session.run(None, {in_name: x})
-        out = dict(zip(out_names, res))
-        out["__output__"] = res[0]
-        return out
-
-    run._keep = tmp  # the folder lives as long as the callable
-    return run, set(have)
-
-
-@register_exposer("openvino")
-def _expose_openvino(engine_dir: Path, meta: dict, names: list[str], threads: int | None):
-    from qexport.runtimes.engine_folder import resolve_threads
-    from qexport.runtimes.openvino_rt import _ov, model_properties
-
-    ov = _ov()
-    core = ov.Core()
-    model = core.read_model(str(Path(engine_dir) / meta["models"]["int8"]))
-    tensors = {}
-    for op in model.get_ordered_ops():
-        for out in op.outputs():
-            for n in out.get_names():
-                tensors.setdefault(n, out)
-    have = [n for n in names if n in tensors]
-    if have:
-        model.add_outputs([tensors[n] for n in have])
-    props = model_properties(meta, "int8")
-    props.pop("CACHE_DIR", None)  # a throw-away model: keep the engine's cache clean
-    props["INFERENCE_NUM_THREADS"] = resolve_threads(threads if threads is not None else meta.get("threads"))
-    compiled = core.compile_model(model, "CPU", props)
-    request = compiled.create_infer_request()
-    outs = list(compiled.outputs)
-
-    def run(x: np.ndarray) -> dict:
-        request.infer({0: x})
-        res = {}
-        for i, o in enumerate(outs):
-            arr = np.array(request.get_output_tensor(i).data, copy=True)
-            if i == 0:
-                res["__output__"] = arr
-            for n in o.get_names():
-                res[n] = arr
-        return res
-
-    return run, set(have)
 
 
 def _sim_codes(sim, x: torch.Tensor) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -146,7 +62,7 @@ def first_divergent_layer(engine_dir: str | Path, recipe, sim, dataset, indices:
     """Name the first activation point (and its layer) whose engine codes depart from QuantSim's.
 
     Args:
-        engine_dir: an engine folder (``onnxruntime`` or ``openvino``, or a runtime with a registered exposer).
+        engine_dir: an engine folder of a runtime whose runner exposes tensors (``onnxruntime``, ``openvino``).
         recipe: the QuantRecipe the engine was exported from.
         sim: its QuantSim (eval mode).
         dataset: a dataset of (image tensor, label) pairs.
@@ -161,8 +77,8 @@ def first_divergent_layer(engine_dir: str | Path, recipe, sim, dataset, indices:
         (per-point stats in plan order), ``criterion``, ``images``, ``target``, ``exposed_output_max_diff``.
     """
     from qexport.data import iter_batches
-    from qexport.export.qdq import act_encoding
-    from qexport.runtimes import load_engine, read_engine_meta
+    from qexport.quant.targets import get_target
+    from qexport.runtimes import get_runtime, load_engine, read_engine_meta
 
     engine_dir = Path(engine_dir)
     meta = read_engine_meta(engine_dir, which="int8")
@@ -171,14 +87,14 @@ def first_divergent_layer(engine_dir: str | Path, recipe, sim, dataset, indices:
                  f"from QuantSim, or their mean difference exceeds {mean_steps:g} step")
     base = {"target": target, "criterion": criterion, "images": len(indices), "point": None, "layer": None,
             "producer": None, "points": []}
-    if target not in _EXPOSERS:
-        return {**base, "summary": f"per-layer divergence is not available for {target} engines"}
     plan = recipe.plan
-    export_target = (meta.get("source_metadata") or {}).get("qexport.target") or plan.target
-    enc_target = "tensorrt" if export_target == "tensorrt" else "onnxruntime"
-    zero_point = {ap.name: act_encoding(ap.spec, enc_target)[1] for ap in plan.activations}
     names = [f"{ap.name}.q" for ap in plan.activations]
-    run, exposed = _EXPOSERS[target](engine_dir, meta, names, threads)
+    probe = get_runtime(target).runner.expose_tensors(engine_dir, names, threads)
+    if probe is None:
+        return {**base, "summary": f"per-layer divergence is not available for {target} engines"}
+    run, exposed = probe
+    export_target = get_target((meta.get("source_metadata") or {}).get("qexport.target") or plan.target)
+    zero_point = {ap.name: export_target.act_encoding(ap.spec)[1] for ap in plan.activations}
     plain = load_engine(engine_dir, "int8", threads)
 
     eng_codes: dict[str, list] = {}

@@ -61,6 +61,10 @@ def render_markdown(report: dict) -> str:
                      f"max {a['logit_abs_diff_max_vs_quantsim_float']:.4g}.")
     if a.get("top1_drop_points") is not None:
         lines.append(f"Top-1 drop of the engine vs FP32: {a['top1_drop_points']:.2f} points.")
+    if report.get("model_size"):
+        from qexport.verify.size import size_line
+
+        lines += ["", size_line(report["model_size"])]
     sets = report.get("data_sets") or []
     if sets:
         lines += ["", "## Each image folder", "", "| folder | images | FP32 top-1 | QuantSim top-1 | engine top-1 | "
@@ -154,6 +158,10 @@ def print_report(report: dict) -> None:
             msg += (f" (float QuantSim: top-1 {_pct(a.get('quantsim_float_top1'))}, engine agreement "
                     f"{_pct(a['engine_vs_quantsim_float_agreement'])})")
         console.print(msg)
+    if report.get("model_size"):
+        from qexport.verify.size import size_line
+
+        console.print(size_line(report["model_size"]))
     for row in report.get("latency") or []:
         i8, f32 = row.get("int8"), row.get("fp32")
         msg = f"batch {row['batch_size']}: INT8 p50 {i8['p50_ms']:.3f} ms"

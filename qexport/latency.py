@@ -1,6 +1,6 @@
 """Latency statistics: warm up, time many runs, report the median and tail percentiles.
 
-Timing discipline (``docs/numerics.md``): fix the thread count, warm up, take the median (and p90/p99) of many
+Timing discipline (``../shared/docs/numerics.md``): fix the thread count, warm up, take the median (and p90/p99) of many
 runs, and compare engines as ratios measured in the same process. :func:`interleaved_compare` alternates the
 engines round-robin so that a noisy machine slows them all alike. Benchmarks live in ``bench/``; the unit tests
 inject a fake clock and never time anything real.

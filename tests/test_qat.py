@@ -1,0 +1,250 @@
+"""QAT: the binary grid, the trainer, ``ste`` (learned steps) and ``md`` (mirror descent) on a tiny model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY, assert_user_error, write_png_folder
+from qexport.calibrators.base import CalibrationContext
+from qexport.errors import QexportError
+from qexport.quant.fake_quant import fake_quant, quantize_to_int
+from qexport.quant.spec import BitsConfig, QuantSpec, weight_spec
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory) -> Path:
+    """4 classes x 12 random 16x16 PNGs (tiny_net has 4 outputs)."""
+    return write_png_folder(tmp_path_factory.mktemp("qat_imgs"), classes=4, per_class=12)
+
+
+def _ctx(data: Path, bits: str, first_last: int | None = None, work: Path | None = None) -> CalibrationContext:
+    from qexport.models import fold_batchnorm, load_model
+    from qexport.quant.plan import build_plan
+    from qexport.quant.quantsim import QuantSim
+
+    torch.manual_seed(0)
+    loaded = load_model(TINY, None)
+    folded = fold_batchnorm(loaded.model)
+    plan = build_plan(folded, "onnxruntime", BitsConfig.parse(bits, first_last))
+    return CalibrationContext(sim=QuantSim(folded, plan), folded=folded, model=loaded, data=None, labels=None,
+                              quiet=True, data_dir=data, work_dir=work)
+
+
+def _calibrate(tmp: Path, data: Path, method: str, bits: str, **options) -> Path:
+    from qexport.calibrate import CalibrateConfig, calibrate
+
+    return calibrate(CalibrateConfig(model=TINY, output=tmp / f"{method}_{bits}", method=method, bits=bits,
+                                     first_last_bits=8, data=str(data), quiet=True,
+                                     options={"epochs": 2, "batch_size": 8, **options}))
+
+
+# ---------------------------------------------------------------- binary grid
+def test_binary_grid_has_no_zero_level():
+    spec = weight_spec(1)
+    assert spec.binary and spec.levels == 2 and spec.grid() == (-1, 1)
+    assert not QuantSpec(2).binary and QuantSpec(2).grid() == (-2, -1, 0, 1)
+    assert not spec.holds(torch.tensor([1, 0, -1])) and spec.holds(torch.tensor([1, -1]))
+    x = torch.tensor([-0.3, 0.0, 0.2, 2.0], requires_grad=True)
+    s = torch.tensor(0.5, requires_grad=True)
+    y = fake_quant(x, s, spec.qmin, spec.qmax, binary=True)
+    assert y.tolist() == [-0.5, 0.5, 0.5, 0.5]  # 0 goes to +1: no zero level
+    y.sum().backward()
+    assert x.grad.tolist() == [1.0, 1.0, 1.0, 0.0]  # straight through inside [-s, s]
+    assert s.grad is not None and float(s.grad) != 0.0
+    assert quantize_to_int(x, s, -1, 1, binary=True).tolist() == [-1, 1, 1, 1]
+
+
+def test_recipe_with_zero_in_a_binary_layer_is_refused(tmp_path, labelled):
+    from safetensors.torch import load_file, save_file
+
+    from qexport.recipe import QuantRecipe
+
+    out = _calibrate(tmp_path, labelled, "ste", "w1a8")
+    t = load_file(str(out / "tensors.safetensors"))
+    assert set(t["int_weight/conv2"].unique().tolist()) <= {-1, 1}
+    t["int_weight/conv2"].view(-1)[0] = 0
+    save_file(t, str(out / "tensors.safetensors"))
+    with pytest.raises(QexportError, match="binary grid"):
+        QuantRecipe.load(out)
+
+
+# ---------------------------------------------------------------- ste
+def test_ste_learns_step_sizes(labelled):
+    from qexport.calibrators.qat import QATConfig
+    from qexport.calibrators.qat_task import QATTask
+    from qexport.calibrators.ste import SteMethod
+    from qexport.training import qat_data
+
+    ctx = _ctx(labelled, "w4a4")
+    task = QATTask(ctx, QATConfig(batch_size=8, lr=1e-2), SteMethod())
+    w0 = {n: l.weight_quantizer.scale.detach().clone() for n, l in task.sim.layers().items()}
+    a0 = {n: float(a.scale.detach()) for n, a in task.sim.act_quantizers().items()}
+    g = torch.Generator().manual_seed(0)
+    order = qat_data.epoch_order(task.split, 0, 0)
+    for i in range(4):
+        x, y = qat_data.train_batch(task.split, order[i * 8 : (i + 1) * 8], g)
+        m = task.step(x, y, i / 4)
+    assert m["loss"] > 0
+    moved_w = [n for n, l in task.sim.layers().items() if not torch.equal(l.weight_quantizer.scale, w0[n])]
+    moved_a = [n for n, a in task.sim.act_quantizers().items() if float(a.scale.detach()) != a0[n]]
+    assert moved_w == list(w0) and moved_a, (moved_w, moved_a)
+
+
+# ---------------------------------------------------------------- md
+@pytest.mark.parametrize("bits,levels", [("w1a8", (-1, 1)), ("w2a8", (-1, 0, 1))])
+def test_md_anneals_and_soft_weights_approach_levels(labelled, bits, levels):
+    from qexport.calibrators.md import MDConfig, MDMethod
+    from qexport.calibrators.qat_task import QATTask
+    from qexport.training import qat_data
+
+    method = MDMethod(MDConfig(batch_size=8, beta_max=50.0))
+    task = QATTask(_ctx(labelled, bits, 8), method.cfg, method)
+    assert set(method.md) == {"conv2", "conv3"}  # first and last stay 8-bit (ste)
+    m0 = method.md["conv2"]
+    assert m0.levels == levels and m0.kind == "tanh"
+    gap0 = float((m0.soft() - m0.codes()).abs().mean())
+    g = torch.Generator().manual_seed(0)
+    order = qat_data.epoch_order(task.split, 0, 0)
+    betas, gaps = [], []
+    for i in range(5):
+        x, y = qat_data.train_batch(task.split, order[i * 8 : (i + 1) * 8], g)
+        m = task.step(x, y, i / 5, (i + 1) / 5)
+        betas.append(m["beta"])
+        gaps.append(m["gap"])
+    assert betas == sorted(betas) and betas[-1] == pytest.approx(50.0) and betas[0] > 1.0
+    assert gaps[-1] < 0.05 < gap0, (gap0, gaps)  # soft weights end close to the levels
+    assert set(m0.codes().unique().tolist()) <= set(levels)
+
+
+@pytest.mark.parametrize("bits,levels", [("w1a8", {-1, 1}), ("w2a8", {-1, 0, 1})])
+def test_md_recipe_integers_are_the_levels_and_export_checks(tmp_path, labelled, bits, levels):
+    from qexport.export.check import check_model
+    from qexport.export.qdq import build_qdq_model
+    from qexport.recipe import QuantRecipe
+
+    out = _calibrate(tmp_path, labelled, "md", bits)
+    r = QuantRecipe.load(out)
+    for name in ("conv2", "conv3"):
+        assert set(r.int_weights[name].unique().tolist()) == levels, name
+    assert r.int_weights["conv1"].abs().max() > 1  # the 8-bit first layer
+    meta = json.loads((out / "recipe.json").read_text())["metrics"]
+    assert meta["md_final_beta"] == pytest.approx(100.0)
+    model = build_qdq_model(r, "onnxruntime")
+    assert check_model(model, "onnxruntime") == []
+    grids = {p.key: p.value for p in model.metadata_props}["qexport.weight_grids"]
+    assert ("binary" if bits == "w1a8" else "int2") in grids
+    from onnx import numpy_helper
+
+    init = next(t for t in model.graph.initializer if t.name == "conv2.weight_int8")
+    bad = numpy_helper.to_array(init).copy()
+    bad.flat[0] = 0 if bits == "w1a8" else -3  # binary: no zero level; 2 bits: -3 is off the grid
+    init.CopyFrom(numpy_helper.from_array(bad, init.name))
+    assert [v.rule for v in check_model(model, "onnxruntime")] == ["weight-grid"]
+
+
+def test_md_softmax_any_level_set(tmp_path, labelled):
+    from qexport.recipe import QuantRecipe
+
+    out = _calibrate(tmp_path, labelled, "md", "w3a8", levels="-3,-1,0,1,3")
+    r = QuantRecipe.load(out)
+    assert set(r.int_weights["conv2"].unique().tolist()) <= {-3, -1, 0, 1, 3}
+    meta = json.loads((out / "recipe.json").read_text())["metrics"]
+    assert meta["md_projection"]["conv2"] == "softmax"
+
+
+# ---------------------------------------------------------------- bad input
+def test_bad_inputs_are_one_line_errors_and_write_nothing(tmp_path, labelled, qx):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for p in sorted(labelled.glob("c0/*.png"))[:4]:
+        (flat / p.name).write_bytes(p.read_bytes())
+    wrong = write_png_folder(tmp_path / "three", classes=3, per_class=2)
+    base = ["calibrate", TINY, "--method", "md", "--bits", "w1a8", "--epochs", "1"]
+    res = qx(*base, "--data", flat, "-o", tmp_path / "o1")
+    assert_user_error(res, "flat folder", "labelled")
+    res = qx(*base, "--data", wrong, "-o", tmp_path / "o2")
+    assert_user_error(res, "3 class folders", "4 outputs")
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+    assert not list(tmp_path.glob(".o*"))  # no work folder either
+    from qexport.calibrators.md import MDConfig
+    from qexport.calibrators.qat import QATConfig
+
+    with pytest.raises(QexportError, match="val-fraction"):
+        QATConfig(val_fraction=0.7)
+    with pytest.raises(QexportError, match="do not fit the binary grid"):
+        _calibrate(tmp_path, labelled, "md", "w1a8", levels="-1,0,1")
+    with pytest.raises(QexportError, match="do not fit the 2-bit grid"):
+        _calibrate(tmp_path, labelled, "md", "w2a8", levels="-2,0,2")
+    assert not (tmp_path / "md_w1a8").exists() and not (tmp_path / "md_w2a8").exists()
+    assert not list(tmp_path.glob(".md_*"))
+    with pytest.raises(QexportError, match="levels"):
+        MDConfig(levels="1")
+
+
+# ---------------------------------------------------------------- torchrun
+def test_torchrun_two_ranks_train_identical_weights_and_write_once(tmp_path, labelled):
+    import subprocess
+    import sys
+
+    from conftest import TESTS_DIR, subprocess_env
+
+    log = tmp_path / "log"
+    log.mkdir()
+    out = tmp_path / "runs" / "ddp"
+    env = subprocess_env()
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(TESTS_DIR / "tests_support" / "qat_ddp_worker.py"), str(out), str(labelled), str(log)]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r0, r1 = (json.loads((log / f"rank{r}.json").read_text()) for r in (0, 1))
+    # 43 training images (48 minus 10 % held out): 22 per rank, 6 steps of 4 per epoch, 2 epochs
+    assert len(r0) == len(r1) == 12
+    assert r0 == r1  # identical weights after every step
+    assert len(set(r0)) == len(r0)  # and they did change every step
+    assert sorted(x.name for x in (tmp_path / "runs").iterdir()) == ["ddp"]  # one recipe, no leftovers
+    from qexport.recipe import QuantRecipe
+
+    r = QuantRecipe.load(out)
+    assert r.metrics["world_size"] == 2
+    assert set(r.int_weights["conv2"].unique().tolist()) == {-1, 1}
+
+
+# ---------------------------------------------------------------- resume, size
+def test_interrupted_run_resumes_bit_identically(tmp_path, labelled):
+    from qexport.calibrate import CalibrateConfig, calibrate
+    from qexport.recipe import QuantRecipe
+
+    def cfg(name: str, **kw) -> CalibrateConfig:
+        return CalibrateConfig(model=TINY, output=tmp_path / name, method="md", bits="w2a8", first_last_bits=8,
+                               data=str(labelled), quiet=True, options={"epochs": 2, "batch_size": 8}, **kw)
+
+    full = QuantRecipe.load(calibrate(cfg("full")))
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(cfg("cut", extras={"qat_interrupt_after": 3}))
+    assert not (tmp_path / "cut").exists() and (tmp_path / ".cut.work" / "qat_checkpoint.pt").is_file()
+    resumed = QuantRecipe.load(calibrate(cfg("cut", resume=True)))
+    for name, q in full.int_weights.items():
+        assert torch.equal(q, resumed.int_weights[name]), name
+        assert torch.equal(full.weight_scales[name], resumed.weight_scales[name]), name
+    assert full.act_scales == resumed.act_scales
+    assert not (tmp_path / ".cut.work").exists()
+
+
+def test_verify_model_size_counts_true_width(tmp_path, labelled):
+    from qexport.recipe import QuantRecipe
+    from qexport.verify.size import model_size, size_line
+
+    r = QuantRecipe.load(_calibrate(tmp_path, labelled, "md", "w1a8"))
+    s = model_size(r)
+    n1, n8 = s["per_width"]["1"], s["per_width"]["8"]
+    assert n1 == 2 * 8 * 8 * 9 and n8 == 3 * 8 * 9 + 8 * 4  # conv2, conv3 binary; conv1, fc 8-bit
+    scales_bias = 4 * (8 + 8 + 8 + 4) + 4 * (8 + 8 + 8 + 4)  # one scale per channel; conv1's folded BN bias too
+    assert s["true_width_bytes"] == n1 // 8 + n8 + scales_bias
+    assert s["int8_bytes"] == n1 + n8 + scales_bias
+    assert s["fp32_bytes"] == 4 * (n1 + n8) + 4 * (8 + 8 + 8 + 4)
+    assert "no extra speed" in size_line(s)
