@@ -81,7 +81,7 @@ def main() -> int:
     from qexport.models import load_model
     from qexport.recipe import QuantRecipe
     from qexport.runtimes import load_engine
-    from qexport.verify.latency import interleaved_compare
+    from qexport.latency import interleaved_compare
 
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -134,7 +134,7 @@ def main() -> int:
     ap.add_argument("--runs", default=",".join(RUNS))
     ap.add_argument("--engine", default="", help="runs whose recipe is also exported and verified on an engine")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch and engine threads (1 on a shared machine: 2 threads ran 10x slower under load)")
     ap.add_argument("--eval-samples", type=int, default=None, help="seeded test-dev subset (default: all 10,000)")
     ap.add_argument("--engine-samples", type=int, default=1000, help="seeded test-dev subset for verify (0: all)")
     ap.add_argument("--curve", action="store_true", help="test-dev top-1 after every epoch")

@@ -93,6 +93,7 @@ def calibrate(cfg: CalibrateConfig) -> Path:
     from qexport.quant.plan import build_plan
     from qexport.quant.quantsim import QuantSim
     from qexport.recipe import ModelRef, QuantRecipe
+    from qexport.training.distributed import barrier, init_from_env, shutdown
 
     info = get_calibrator(cfg.method)
     method_cfg = build_config(info.config, cfg.options, f"--method {cfg.method}")
@@ -110,6 +111,8 @@ def calibrate(cfg: CalibrateConfig) -> Path:
     if not info.needs_data and cfg.data is not None:
         raise QexportError(f"--method {cfg.method} is data-free and reads no images; drop --data")
     device = resolve_device(cfg.device)
+    dist = init_from_env(device)  # under torchrun: join the group (one GPU per local rank); else rank 0 of 1
+    device, quiet = dist.device, cfg.quiet or not dist.is_main
     torch.manual_seed(cfg.seed)
 
     loaded = load_model(cfg.model, cfg.weights, input_size=cfg.input_size, mean=cfg.mean, std=cfg.std)
@@ -128,7 +131,7 @@ def calibrate(cfg: CalibrateConfig) -> Path:
     elif info.needs_data and cfg.data is not None:
         folder = ImageFolder(cfg.data, loaded.preprocess)
         count = min(cfg.num_samples, len(folder))
-        with progress_bar(count, "loading calibration images", cfg.quiet) as bar:
+        with progress_bar(count, "loading calibration images", quiet) as bar:
             data, labels = load_tensor(folder, num_samples=cfg.num_samples, seed=cfg.seed,
                                        progress=lambda done, total: bar.update(completed=done))
         data_fp = folder.fingerprint()
@@ -145,16 +148,18 @@ def calibrate(cfg: CalibrateConfig) -> Path:
     work = work_dir_for(Path(cfg.output))
     if cfg.resume and not work.is_dir():
         raise QexportError(f"--resume: no interrupted run found for {cfg.output} (expected {work})")
-    writer = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes (work folder, recipe)
+    writer = dist.is_main  # under torchrun only rank 0 writes (work folder, recipe)
     if writer and not cfg.resume and work.is_dir():
         shutil.rmtree(work)
     if writer:
         work.mkdir(parents=True, exist_ok=True)
+    barrier(dist)
     started = time.time()
     out_dir = atomic_dir(cfg.output, force=cfg.force) if writer else _scratch_dir()
     with out_dir as tmp:
         ctx = CalibrationContext(sim=sim, folded=folded, model=loaded, data=data, labels=labels, seed=cfg.seed,
-                                 device=device, quiet=cfg.quiet, artifact_dir=tmp, work_dir=work, resume=cfg.resume,
+                                 device=device, quiet=quiet, artifact_dir=tmp, work_dir=work,
+                                 resume=cfg.resume, dist=dist,
                                  data_dir=Path(cfg.data) if info.needs_labels else None, extras=dict(cfg.extras))
         try:
             metrics = info.fn(ctx, method_cfg) or {}
@@ -179,6 +184,7 @@ def calibrate(cfg: CalibrateConfig) -> Path:
             recipe.write_files(tmp)
     if writer:
         shutil.rmtree(work, ignore_errors=True)
+    shutdown(dist)
     return Path(cfg.output)
 
 

@@ -84,6 +84,18 @@ def atomic_file(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     os.replace(tmp, out)
 
 
+def write_text_atomic(path: str | os.PathLike, text: str, force: bool = True) -> None:
+    """Write a small text file atomically.
+
+    Args:
+        path: destination file.
+        text: content.
+        force: replace an existing file.
+    """
+    with atomic_file(path, force=force) as tmp:
+        tmp.write_text(text)
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     """SHA-256 of a file's bytes.
 

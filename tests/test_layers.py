@@ -30,6 +30,13 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("cli",),
 )
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
+# Known upward imports, each with the reason it is tolerated for now (the list should only shrink).
+KNOWN = {
+    ("qexport.data.synthesize", "qexport.calibrators.adasg_config"): "parse_duration belongs below both",
+    ("qexport.data.synthesize_run", "qexport.calibrators.adasg_config"): "parse_duration belongs below both",
+    ("qexport.data.synthesize_run", "qexport.calibrate"): "synthesize_folder (the `qexport synthesize` verb) "
+                                                          "reuses resolve_device / work_dir_for",
+}
 
 
 def _top(module: str) -> str:
@@ -73,6 +80,8 @@ def layer_violations(package: Path) -> list[str]:
             continue
         for line, mod in _imports(path.read_text()):
             dst = _top(mod)
+            if (src_mod, mod) in KNOWN:
+                continue
             if dst not in RANK:
                 bad.append(f"{path}:{line}: imports {mod}, which is in no layer")
             elif RANK[dst] > RANK[src]:

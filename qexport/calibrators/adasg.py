@@ -60,25 +60,14 @@ from qexport.calibrators.base import (
     set_weight_scales,
 )
 from qexport.errors import QexportError
+from qexport.models import class_names
 from qexport.training import distributed as D
 from qexport.training.loop import LoopConfig, StepInfo, TrainLoop
 
 __all__ = ["AdaSGConfig", "AdaSGTask", "CHECKPOINT", "Generator", "bound_loss", "calibrate_adasg", "entropy",
            "kd_loss", "loss_as", "loss_ds", "normalized_entropy", "parse_duration", "student_loss"]
 
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-CHECKPOINT = "adasg_checkpoint.pt"
-
-
-# --------------------------------------------------------------------------------------------------- calibrator
-def _class_names(ctx: CalibrationContext, n: int) -> list[str]:
-    spec = str(getattr(ctx.model, "spec", ""))
-    if n == 10 and spec.startswith("cifar"):
-        return list(CIFAR10_CLASSES)
-    width = len(str(n - 1))
-    return [f"class_{i:0{width}d}" for i in range(n)]
-
-
+CHECKPOINT = "adasg_checkpoint.pt"  # the training loop's file for a run named "adasg", in ctx.work_dir
 # generator seed of rank r: seed + 1 + r * stride (rank 0 keeps the single-process stream)
 _RANK_SEED_STRIDE = 1_000_003
 
@@ -308,7 +297,7 @@ class AdaSGTask:
         if loop.history:
             last = loop.history[-1]
             metrics.update({f"final_{k}": last[k] for k in ("L_G", "L_Q", "BG", "H", "agree") if k in last})
-        if ctx.artifact_dir is not None:
+        if ctx.artifact_dir is not None and self.dist.is_main:
             self.write_artifacts(Path(ctx.artifact_dir))
         return metrics
 
@@ -322,7 +311,7 @@ class AdaSGTask:
                             "size": json.dumps(list(G.size)), "channels": str(G.out.out_channels)})
         (out / "adasg_history.json").write_text(json.dumps({"config": _jsonable(asdict(cfg)), "history": self.loop.history},
                                                            indent=1))
-        classes = _class_names(self.ctx, self.num_classes)
+        classes = class_names(self.ctx.model.spec, self.num_classes)
         gen = torch.Generator().manual_seed(self.ctx.seed + 7)
         k = max(1, cfg.grid_per_class)
         with torch.no_grad():

@@ -4,8 +4,8 @@ Layout of the output folder (everything kept, so a rerun reuses what is done and
 resumes where it stopped):
 
     DIR/settings.json                         what the cells were computed with (a rerun must match)
-    DIR/recipes/<method>_<bits>_<plan>/       one recipe per method x width x plan target (shared by the
-                                              onnxruntime and openvino cells: both use the onnxruntime plan)
+    DIR/recipes/<method>_<bits>_<plan>/       one recipe per method x width x plan target (each target
+                                              calibrates with its own plan, qexport/quant/targets.py)
     DIR/cells/<method>_<bits>_<target>/       model.onnx, model.fp32.onnx, engine/, report_<eval>/, cell.json
     DIR/compare.json, compare.md, *.png       rewritten at the end of every run
 
@@ -73,7 +73,8 @@ def eval_names(paths: tuple[str, ...]) -> list[str]:
 
 
 def _plan_target(target: str) -> str:
-    return "onnxruntime" if target == "openvino" else target
+    """The plan a cell's recipe is calibrated with: the target's own (qexport/quant/targets.py)."""
+    return target
 
 
 def validate(cfg: CompareConfig) -> dict:

@@ -34,7 +34,6 @@ from qexport import __version__
 from qexport.errors import QexportError
 from qexport.quant.markers import DOMAIN
 from qexport.fileio import atomic_file, check_output_free
-from qexport.quant.plan import build_plan
 from qexport.quant.quantsim import aq_module_name
 from qexport.quant.spec import QuantSpec
 from qexport.quant.targets import get_target
@@ -312,25 +311,29 @@ def recipe_fingerprint(recipe_dir: str | Path) -> str:
 
 
 def check_plan_fits(recipe: QuantRecipe, target: str, folded: torch.nn.Module | None = None) -> None:
-    """Refuse to export a recipe to a target whose plan it was not calibrated with (unless the plans are equal).
+    """Refuse to export a recipe whose plan has points or grids the target's engine does not compute as QuantSim.
 
-    Targets with equal plan policies share plans. Otherwise the target's own plan of the same model is built and
-    compared with the recipe's: equal plans export exactly (e.g. W4A4, where the onnxruntime plan has no fusion
-    points and no unsigned 8-bit grid), different ones would not compute what QuantSim computed.
+    The target's plan policy (qexport/quant/targets.py) says what its engine takes: a plan with fusion points
+    (the onnxruntime plan) goes only to targets that take them, one with unsigned 8-bit grids only to targets that
+    hold them. Everything else exports exactly (the file computes what QuantSim computes): e.g. a tensorrt plan
+    for onnxruntime, an openvino plan for onnxruntime or tensorrt at W4A4.
 
     Args:
         recipe: the recipe.
         target: the export target.
-        folded: the recipe's float model, if already built.
+        folded: unused (kept for callers that pass the float model).
     """
-    made_for = recipe.plan.target
-    if made_for == target or get_target(made_for).plan == get_target(target).plan:
-        return
-    gm = folded if folded is not None else recipe.build_float_model()
-    own = build_plan(gm, target, recipe.plan.bits, tuple(recipe.plan.float_layers))
-    if (own.layers, own.activations) != (recipe.plan.layers, recipe.plan.activations):
-        raise QexportError(f"this recipe was calibrated with the {made_for} plan, which differs from the {target} "
-                           f"plan (quantized points and grids); recalibrate with --target {target}")
+    made_for, policy = recipe.plan.target, get_target(target).plan
+    fusion = [ap.name for ap in recipe.plan.activations if ap.role == "fusion"]
+    unsigned8 = [ap.name for ap in recipe.plan.activations if ap.spec.bits == 8 and not ap.spec.signed]
+    why = None
+    if unsigned8 and not policy.unsigned_8bit:
+        why = f"unsigned 8-bit activations ({unsigned8[0]}, ...), which {target} cannot hold"
+    elif fusion and not policy.fusion_points:
+        why = f"fusion points ({fusion[0]}, ...), which the {target} engine does not compute as QuantSim does"
+    if why:
+        raise QexportError(f"this recipe was calibrated with the {made_for} plan, with {why}; "
+                           f"recalibrate with --target {target}")
 
 
 def build_qdq_model(recipe: QuantRecipe, target: str, opset: int = DEFAULT_OPSET, meta: dict | None = None,

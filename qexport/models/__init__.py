@@ -5,7 +5,7 @@ Public API: :func:`load_model`, :class:`LoadedModel`, :class:`Preprocess`, :func
 """
 
 from qexport.models.preprocess import CIFAR_PRESET, IMAGENET_MEAN, IMAGENET_PRESET, IMAGENET_STD, Preprocess
-from qexport.models.registry import ModelFamily, families, get, list_models, register_model
+from qexport.models.registry import ModelFamily, class_names, families, get, list_models, register_model
 
 # built-in families register themselves on import (torchvision is imported lazily inside its builder)
 from qexport.models import cifar_resnet as _cifar_resnet  # noqa: F401  isort: skip
@@ -20,6 +20,7 @@ __all__ = [
     "IMAGENET_PRESET",
     "IMAGENET_STD",
     "LoadedModel",
+    "class_names",
     "ModelFamily",
     "Preprocess",
     "families",

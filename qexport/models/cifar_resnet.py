@@ -81,7 +81,11 @@ class CifarResNet(nn.Module):
         return self.linear(out)
 
 
-@register_model("cifar", names=sorted(DEPTHS, key=lambda k: DEPTHS[k]), description="CIFAR-10 ResNets, option-A shortcuts")
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+@register_model("cifar", names=sorted(DEPTHS, key=lambda k: DEPTHS[k]), description="CIFAR-10 ResNets, option-A shortcuts",
+                class_names=CIFAR10_CLASSES)
 def build_cifar(name: str, num_classes: int | None = None) -> tuple[nn.Module, Preprocess, int]:
     """Build ``cifar:<name>``.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -287,3 +288,15 @@ def threshold_checks(acc: dict, max_drop: float | None, min_agreement: float | N
         checks.append({"name": "engine vs QuantSim agreement (%)", "value": v, "threshold": min_agreement,
                        "passed": v >= min_agreement})
     return checks
+
+
+def load_report(folder: Path) -> dict:
+    """Read a report.json written by verify.
+
+    Args:
+        folder: the report folder.
+
+    Returns:
+        The report dictionary.
+    """
+    return json.loads((Path(folder) / "report.json").read_text())
