@@ -13,7 +13,7 @@ PACKAGE = Path(qexport.__file__).resolve().parent
 # Bottom to top. A module may import its own layer and the layers below it, never one above.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("", "errors", "fileio", "progress", "interrupt", "shared", "latency", "options", "__main__", "schema",
-     "duration", "device"),
+     "duration", "device", "plugins"),
     ("models",),
     ("data",),
     ("zoo",),

@@ -47,6 +47,11 @@ class AlignQConfig(QATConfig):
     admm: bool = field(default=True, metadata={"help": "ADMM correlation preservation (--no-admm: the paper's 'CDF only')."})
     cdf: bool = field(default=True, metadata={"help": "CDF alignment (--no-cdf: uniform quantizers, the paper's 'ADMM only')."})
 
+    @classmethod
+    def contract_options(cls) -> dict:
+        """The contract test's tiny model has no Conv-BN-ReLU point to align: align the weights only."""
+        return {"align": "weights"}
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0 < self.gain <= MAX_GAIN:
