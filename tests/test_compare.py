@@ -76,7 +76,7 @@ def test_failing_cell_is_recorded_and_the_rest_goes_on(tmp_path, tiny_images, qx
 
 @pytest.mark.parametrize("extra,frag", [
     (["--opt", "gpfq.c=auto"], ["gpfq", "--methods does not list"]),
-    (["--opt", "mse.c=2"], ["--method mse", "'c'"]),
+    (["--opt", "mse.c=2"], ["--method mse", "--c does not apply"]),
     (["--opt", "nodot=3"], ["METHOD.OPTION=VALUE"]),
     (["--bits", "w8a8,w9a8"], ["1..8"]),
     (["--targets", "tpu"], ["tpu", "unknown runtime"]),
