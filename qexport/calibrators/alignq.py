@@ -26,7 +26,7 @@ import torch
 
 from qexport.calibrators import register_calibrator
 from qexport.calibrators.alignq_core import AlignedWeightQuantizer, CorrelationADMM, correlation_change
-from qexport.calibrators.qat import QATConfig, QATMethod, run_qat
+from qexport.calibrators.qat import QATConfig, QATMethod, freeze_steps_and_snap, run_qat
 from qexport.errors import QexportError
 from qexport.quant.aligned import DEFAULT_GAIN, align_plan, bn_layers, relu_points
 from qexport.quant.quantsim import QuantSim, WeightQuantizer
@@ -175,10 +175,7 @@ class AlignQMethod(QATMethod):
                 plain = WeightQuantizer(wq.spec, s.numel()).to(s.device)
                 layer.weight_quantizer = plain
                 layer.set_quantized_weight(q, s)
-            layer.weight_quantizer.scale.requires_grad_(False)
-        for aq in sim.act_quantizers().values():
-            aq.scale.requires_grad_(False)
-        sim.snap_weights()
+        freeze_steps_and_snap(sim)
         return {"aligned_points": len([p for p in sim.plan.activations if p.kind == "erf"]),
                 "aligned_weights": self.cfg.align_weights, "admm": self.admm is not None}
 

@@ -75,6 +75,20 @@ def parse_fractions(text: str, what: str) -> tuple[float, ...]:
     return vals
 
 
+def freeze_steps_and_snap(sim) -> None:
+    """End of training for methods that learn step sizes: stop their gradients and snap the weights to
+    int * scale (the deployable state).
+
+    Args:
+        sim: the trained QuantSim.
+    """
+    for layer in sim.layers().values():
+        layer.weight_quantizer.scale.requires_grad_(False)
+    for aq in sim.act_quantizers().values():
+        aq.scale.requires_grad_(False)
+    sim.snap_weights()
+
+
 @dataclass(frozen=True)
 class QATConfig:
     """Options of the QAT trainer, shared by every QAT method (methods subclass it)."""

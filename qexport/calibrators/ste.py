@@ -15,7 +15,7 @@ import torch
 
 from qexport.calibrators import register_calibrator
 from qexport.calibrators.base import set_weight_scales
-from qexport.calibrators.qat import QATConfig, QATMethod, run_qat
+from qexport.calibrators.qat import QATConfig, QATMethod, freeze_steps_and_snap, run_qat
 
 
 @dataclass(frozen=True)
@@ -50,11 +50,7 @@ class SteMethod(QATMethod):
         return {}
 
     def finalize(self, sim) -> dict:
-        for layer in sim.layers().values():
-            layer.weight_quantizer.scale.requires_grad_(False)
-        for aq in sim.act_quantizers().values():
-            aq.scale.requires_grad_(False)
-        sim.snap_weights()
+        freeze_steps_and_snap(sim)
         return {}
 
 
