@@ -10,35 +10,21 @@ calibration seconds (the machine may be shared: say so with the figures).
 from __future__ import annotations
 
 import argparse
-import resource
 import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from bench_utils import cpu_seconds, method_options
+
 from qexport.build_engine import build_engine_folder
 from qexport.calibrate import CalibrateConfig, calibrate
+from qexport.calibrators import get_calibrator
 from qexport.export.qdq import export_recipe
 from qexport.shared import cifar_checkpoint, cifar_images
 from qexport.verify.compare import VerifyConfig, verify
 
-
-def _value(key: str, text: str):
-    if key == "zoo":
-        return tuple(text.split(","))
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
-def _cpu() -> float:
-    """CPU seconds used by this process: the cost on an idle machine, whatever else is running."""
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,15 +41,15 @@ def main(argv: list[str] | None = None) -> int:
     if train is None or test is None or ckpt is None:
         print("shared folder with CIFAR-10 images and checkpoints not found (set QEXPORT_SHARED); nothing to measure")
         return 0
-    opts = {k: _value(k, v) for k, v in (o.split("=", 1) for o in args.opt)}
+    opts = method_options(get_calibrator(args.method).config, args.opt, f"--method {args.method}")
     with tempfile.TemporaryDirectory() as tmp:
         run = args.keep or Path(tmp) / "run"
-        t0, c0 = time.time(), _cpu()
+        t0, c0 = time.time(), cpu_seconds()
         data = str(train) if args.method != "mixmix" else None
         recipe = calibrate(CalibrateConfig(model=f"cifar:resnet{args.depth}", weights=str(ckpt),
                                            output=run / "recipe", method=args.method, bits=args.bits, data=data,
                                            num_samples=args.num_samples, seed=args.seed, options=opts, quiet=True))
-        secs, cpu = time.time() - t0, _cpu() - c0
+        secs, cpu = time.time() - t0, cpu_seconds() - c0
         qdq, _, _ = export_recipe(recipe, "onnxruntime", run / "model.onnx")
         engine = build_engine_folder(qdq, run / "engine", "onnxruntime")
         rep, _ = verify(VerifyConfig(engine=engine, recipe=recipe, data=test, report=run / "report",

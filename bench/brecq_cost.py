@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import time
 
 import torch
+from bench_utils import cpu_seconds
 
 from qexport.calibrators.base import CalibrationContext
 from qexport.calibrators.brecq import BrecqConfig, calibrate_brecq
@@ -24,10 +24,6 @@ from qexport.quant.plan import build_plan
 from qexport.quant.quantsim import QuantSim
 from qexport.quant.spec import BitsConfig
 
-
-def _cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
 
 
 def main() -> int:
@@ -42,13 +38,13 @@ def main() -> int:
     folded = fold_batchnorm(m.model)
     sim = QuantSim(folded, build_plan(folded, "onnxruntime", BitsConfig.parse("w4a4")))
     data = torch.rand(args.num_images, *m.input_shape, generator=torch.Generator().manual_seed(0))
-    c0 = _cpu()
+    c0 = cpu_seconds()
     metrics = calibrate_brecq(CalibrationContext(sim=sim, folded=folded, model=m, data=data, labels=None,
                                                  device=args.device, quiet=True),
                               BrecqConfig(iters=args.iters, act_iters=args.iters, batch_size=32))
     blocks = [{"block": b["block"], "s_per_iter": round(b["loop_seconds"] / (b["iters"] + b["act_iters"]), 3)}
               for b in metrics["block_metrics"]]
-    brecq_cpu = _cpu() - c0
+    brecq_cpu = cpu_seconds() - c0
     zoo = load_zoo(m, args.model, [], args.device)
     lab = torch.arange(16).to(args.device) % m.num_classes
     out = {}

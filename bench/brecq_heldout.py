@@ -9,37 +9,19 @@ measure the QuantSim on ``--eval-samples`` other training images: top-1 and agre
 from __future__ import annotations
 
 import argparse
-import resource
 import json
 import time
 
 import torch
-from bench_utils import predict
+from bench_utils import cpu_seconds, heldout_split, method_options, predict
 
 from qexport.calibrators.base import CalibrationContext, calibrate_activations, set_weight_scales
 from qexport.calibrators.brecq import BrecqConfig, calibrate_brecq
-from qexport.data import ImageFolder, load_tensor
-from qexport.data.folder import subset_indices
-from qexport.models import fold_batchnorm, load_model
+from qexport.models import fold_batchnorm
 from qexport.quant.plan import build_plan
 from qexport.quant.quantsim import QuantSim
 from qexport.quant.spec import BitsConfig
-from qexport.shared import cifar_checkpoint, cifar_images
 
-
-def _value(text: str):
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
-def cpu_seconds() -> float:
-    """CPU time this process has used (user + system): what the run costs on an idle machine, whatever the load."""
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
 
 
 def main() -> int:
@@ -53,23 +35,14 @@ def main() -> int:
     ap.add_argument("--mse-only", action="store_true", help="measure the mse init only")
     ap.add_argument("--verbose", action="store_true", help="progress bars")
     args = ap.parse_args()
-    ckpt, train = cifar_checkpoint(args.depth), cifar_images("train")
-    if ckpt is None or train is None:
-        print("shared folder with the checkpoint and training images not found (QEXPORT_SHARED); nothing to measure")
+    split = heldout_split(args.depth, args.num_samples, args.seed, args.eval_samples)
+    if split is None:
         return 0
-    m = load_model(f"cifar:resnet{args.depth}", str(ckpt))
-    folder = ImageFolder(train, m.preprocess)
-    calib_idx = set(subset_indices(len(folder), args.num_samples, args.seed))
-    x_cal, _ = load_tensor(folder, num_samples=args.num_samples, seed=args.seed)
-    rest = [i for i in range(len(folder)) if i not in calib_idx]
-    pick = torch.randperm(len(rest), generator=torch.Generator().manual_seed(12345))[: args.eval_samples]
-    xs, ys = zip(*(folder[rest[int(i)]] for i in pick))
-    x_ev, y_ev = torch.stack(xs), torch.tensor(ys)
+    m, x_cal, x_ev, y_ev = split
     folded = fold_batchnorm(m.model).eval()
     ref = predict(folded, x_ev)
     sim = QuantSim(folded, build_plan(folded, "onnxruntime", BitsConfig.parse(args.bits, None), ())).eval()
-    opts = dict(o.split("=", 1) for o in args.opt)
-    cfg = BrecqConfig(**{k: _value(v) for k, v in opts.items()})
+    cfg = BrecqConfig(**method_options(BrecqConfig, args.opt, "bench --opt"))
     t0 = time.time()
     if args.mse_only:
         set_weight_scales(sim, "mse")

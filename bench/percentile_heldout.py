@@ -17,17 +17,14 @@ import argparse
 import time
 
 import torch
-from bench_utils import predict
+from bench_utils import heldout_split, predict
 
 from qexport.calibrators.base import calibrate_activations, set_weight_scales
 from qexport.calibrators.baseline import PercentileConfig
-from qexport.data import ImageFolder, load_tensor
-from qexport.data.folder import subset_indices
-from qexport.models import fold_batchnorm, load_model
+from qexport.models import fold_batchnorm
 from qexport.quant.plan import build_plan
 from qexport.quant.quantsim import QuantSim
 from qexport.quant.spec import BitsConfig
-from qexport.shared import cifar_checkpoint, cifar_images
 
 
 def act_scales(sim: QuantSim) -> dict[str, float]:
@@ -54,18 +51,10 @@ def main() -> int:
     ap.add_argument("--per-point", action="store_true",
                     help="each point alone at min-max (the others at the default percentile)")
     args = ap.parse_args()
-    ckpt, train = cifar_checkpoint(args.depth), cifar_images("train")
-    if ckpt is None or train is None:
-        print("shared folder with the checkpoint and training images not found (QEXPORT_SHARED); nothing to measure")
+    split = heldout_split(args.depth, args.num_samples, args.seed, args.eval_samples)
+    if split is None:
         return 0
-    m = load_model(f"cifar:resnet{args.depth}", str(ckpt))
-    folder = ImageFolder(train, m.preprocess)
-    calib_idx = set(subset_indices(len(folder), args.num_samples, args.seed))
-    x_cal, _ = load_tensor(folder, num_samples=args.num_samples, seed=args.seed)
-    rest = [i for i in range(len(folder)) if i not in calib_idx]
-    pick = torch.randperm(len(rest), generator=torch.Generator().manual_seed(12345))[: args.eval_samples]
-    xs, ys = zip(*(folder[rest[int(i)]] for i in pick))
-    x_ev, y_ev = torch.stack(xs), torch.tensor(ys)
+    m, x_cal, x_ev, y_ev = split
 
     folded = fold_batchnorm(m.model).eval()
     ref = predict(folded, x_ev)
