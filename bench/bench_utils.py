@@ -62,13 +62,12 @@ def method_options(config_cls: type, pairs: list[str], owner: str) -> dict:
         owner: who takes them, for messages.
 
     Returns:
-        Option name -> typed value, for ``CalibrateConfig.options`` or the config itself.
+        Option name -> typed value, for ``CalibrateConfig.options`` or the config itself
+        (``qexport.options.typed_values``).
     """
-    from qexport.options import build_config
+    from qexport.options import typed_values
 
-    texts = dict(p.split("=", 1) for p in pairs)
-    cfg = build_config(config_cls, texts, owner, from_text=True)
-    return {k.replace("-", "_"): getattr(cfg, k.replace("-", "_")) for k in texts}
+    return typed_values(config_cls, dict(p.split("=", 1) for p in pairs), owner)
 
 
 def heldout_split(depth: int, num_samples: int, seed: int, eval_samples: int):

@@ -189,6 +189,15 @@ def _to_json(value):
 # Building configs
 
 
+def _known_option(specs: dict, key: str, owner: str) -> tuple:
+    """(field name, its spec) for an option key (``time-budget`` or ``time_budget``); unknown keys are refused."""
+    name = str(key).replace("-", "_")
+    if name not in specs:
+        raise QexportError(f"--{name.replace('_', '-')} does not apply to {owner}; its options: "
+                           f"{', '.join(specs) or 'none'}")
+    return name, specs[name]
+
+
 def build_config(config_cls: type, values: dict, owner: str, *, from_text: bool = False):
     """Build ``config_cls`` from option values, checking every name and type.
 
@@ -204,11 +213,7 @@ def build_config(config_cls: type, values: dict, owner: str, *, from_text: bool 
     specs = {s.name: s for s in option_specs(config_cls)}
     kwargs = {}
     for key, raw in values.items():
-        name = str(key).replace("-", "_")
-        if name not in specs:
-            raise QexportError(f"--{name.replace('_', '-')} does not apply to {owner}; its options: "
-                               f"{', '.join(specs) or 'none'}")
-        spec = specs[name]
+        name, spec = _known_option(specs, key, owner)
         try:
             kwargs[name] = _from_text(spec.tp, raw) if from_text and isinstance(raw, str) else _from_json(spec.tp, raw)
         except _BadValue as e:
@@ -346,10 +351,7 @@ def typed_values(config_cls: type, values: dict, owner: str) -> dict:
     specs = {s.name: s for s in option_specs(config_cls)}
     out = {}
     for key, raw in values.items():
-        name = str(key).replace("-", "_")
-        if name not in specs:
-            raise QexportError(f"--{name.replace('_', '-')} does not apply to {owner}; its options: "
-                               f"{', '.join(specs) or 'none'}")
+        name, _ = _known_option(specs, key, owner)
         if isinstance(raw, bool):
             out[name] = raw
             continue
