@@ -34,7 +34,6 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from bench.bench_utils import top1  # noqa: E402
-from qexport.training import Callbacks  # noqa: E402
 
 SHARED = Path(os.environ.get("QEXPORT_SHARED", REPO.parent / "shared"))
 WEIGHTS = SHARED / "models/cifar10/resnet20-12fca82f.th"
@@ -59,11 +58,11 @@ def _options(args) -> dict:
 
 
 def _curve_hook(points: list, xt, yt):
-    def on_epoch(task, row):
+    def on_epoch(task, heldout):
         with task.method.evaluating(task.sim):
             acc = top1(task.sim, xt, yt)
         points.append({"seconds": round(task.elapsed, 1), "epoch": task.epoch + 1, "test_top1": acc,
-                       "heldout_top1": row["heldout_top1"]})
+                       "heldout_top1": heldout})
         print(f"  curve: {task.elapsed:7.0f} s epoch {task.epoch + 1}: test-dev {acc:.2f} %", flush=True)
     return on_epoch
 
@@ -83,9 +82,9 @@ def run_fp32(args, xt, yt, curve: list) -> dict:
     folded = fold_batchnorm(loaded.model)
     sim = QuantSim(folded, build_plan(folded, "onnxruntime", BitsConfig.parse("w8a8")))
     before = top1(folded, xt, yt)
-    callbacks = Callbacks(on_epoch_end=_curve_hook(curve, xt, yt) if args.curve else None)
+    extras = {"qat_on_epoch": _curve_hook(curve, xt, yt)} if args.curve else {}
     ctx = CalibrationContext(sim=sim, folded=folded, model=loaded, data=None, labels=None, seed=args.seed,
-                             quiet=args.quiet, data_dir=TRAIN, callbacks=callbacks)
+                             quiet=args.quiet, data_dir=TRAIN, extras=extras)
     metrics = train(ctx, QATConfig(**_options(args)), FloatMethod())
     with sim.quant_disabled():
         after = top1(sim, xt, yt)
@@ -99,10 +98,10 @@ def run_qat(name: str, args, xt, yt, curve: list) -> dict:
 
     method, bits, fl = RUNS[name]
     out = args.out / name
-    callbacks = Callbacks(on_epoch_end=_curve_hook(curve, xt, yt) if args.curve else None)
+    extras = {"qat_on_epoch": _curve_hook(curve, xt, yt)} if args.curve else {}
     calibrate(CalibrateConfig(model="cifar:resnet20", weights=str(WEIGHTS), output=out, method=method, bits=bits,
                               first_last_bits=fl, data=str(TRAIN), seed=args.seed, force=True, quiet=args.quiet,
-                              device="cpu", options=_options(args), callbacks=callbacks))
+                              device="cpu", options=_options(args), extras=extras))
     recipe = QuantRecipe.load(out)
     sim = recipe.build_quantsim().set_exact_accumulation(True)
     res = {"test_top1": top1(sim, xt, yt), "metrics": recipe.metrics, "recipe": str(out)}

@@ -47,8 +47,7 @@ class CalibrateConfig:
         resume: continue an interrupted run from its checkpoint.
         quiet: no progress bars.
         options: method options (validated by the method's config).
-        callbacks: named hooks of the training loop (``qexport.training.Callbacks``; benches and tests), passed to
-            the calibrator as ``ctx.callbacks``.
+        extras: passed to the calibrator as ``ctx.extras`` (benches and tests: hooks such as ``qat_on_epoch``).
         layer_bits: ``NAME=wNaM`` per-layer widths on top of ``bits`` (mixed precision).
         auto_bits: with ``bits="auto"``: the budget per-layer widths are chosen for (qexport/mixed/allocate.py).
     """
@@ -72,7 +71,7 @@ class CalibrateConfig:
     resume: bool = False
     quiet: bool = False
     options: dict = field(default_factory=dict)
-    callbacks: object | None = None
+    extras: dict = field(default_factory=dict)
     layer_bits: tuple[str, ...] = ()
     auto_bits: object | None = None
 
@@ -94,7 +93,6 @@ def calibrate(cfg: CalibrateConfig) -> Path:
     from qexport.quant.plan import build_plan
     from qexport.quant.quantsim import QuantSim
     from qexport.recipe import ModelRef, QuantRecipe
-    from qexport.training import Callbacks
     from qexport.training.distributed import barrier, init_from_env, shutdown
 
     info = get_calibrator(cfg.method)
@@ -162,8 +160,7 @@ def calibrate(cfg: CalibrateConfig) -> Path:
         ctx = CalibrationContext(sim=sim, folded=folded, model=loaded, data=data, labels=labels, seed=cfg.seed,
                                  device=device, quiet=quiet, artifact_dir=tmp, work_dir=work,
                                  resume=cfg.resume, dist=dist,
-                                 data_dir=Path(cfg.data) if info.needs_labels else None,
-                                 callbacks=cfg.callbacks or Callbacks())
+                                 data_dir=Path(cfg.data) if info.needs_labels else None, extras=dict(cfg.extras))
         try:
             metrics = info.fn(ctx, method_cfg) or {}
         except QexportError:

@@ -13,7 +13,6 @@ from qexport.calibrators.base import CalibrationContext
 from qexport.errors import QexportError
 from qexport.quant.fake_quant import fake_quant, quantize_to_int
 from qexport.quant.spec import BitsConfig, QuantSpec, weight_spec
-from qexport.training import Callbacks
 
 
 @pytest.fixture(scope="module")
@@ -216,18 +215,6 @@ def test_torchrun_two_ranks_train_identical_weights_and_write_once(tmp_path, lab
 
 
 # ---------------------------------------------------------------- resume, size
-def _ctrl_c_after(n: int):
-    """An on_step_end hook that presses Ctrl-C (SIGINT to this process) after step ``n``."""
-    import os
-    import signal
-
-    def hook(task, metrics) -> None:
-        if task.steps == n:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    return hook
-
-
 def test_interrupted_run_resumes_bit_identically(tmp_path, labelled):
     from qexport.calibrate import CalibrateConfig, calibrate
     from qexport.recipe import QuantRecipe
@@ -238,7 +225,7 @@ def test_interrupted_run_resumes_bit_identically(tmp_path, labelled):
 
     full = QuantRecipe.load(calibrate(cfg("full")))
     with pytest.raises(KeyboardInterrupt):
-        calibrate(cfg("cut", callbacks=Callbacks(on_step_end=_ctrl_c_after(3))))
+        calibrate(cfg("cut", extras={"qat_interrupt_after": 3}))
     assert not (tmp_path / "cut").exists() and (tmp_path / ".cut.work" / "qat_checkpoint.pt").is_file()
     resumed = QuantRecipe.load(calibrate(cfg("cut", resume=True)))
     for name, q in full.int_weights.items():

@@ -215,6 +215,7 @@ def _run_epoch(task: QATTask, bar, flag: GracefulInterrupt, budget: float | None
         task.gen.manual_seed(task.ctx.seed * 7919 + task.epoch)
     order = qat_data.epoch_order(task.split, task.epoch, task.ctx.seed, task.rank, task.world)
     batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+    interrupt_after = task.ctx.extras.get("qat_interrupt_after")  # tests: simulate Ctrl-C after N steps
     while task.batch_in_epoch < len(batches):
         t0 = time.time()
         x, y = qat_data.train_batch(task.split, batches[task.batch_in_epoch], task.gen)
@@ -223,11 +224,12 @@ def _run_epoch(task: QATTask, bar, flag: GracefulInterrupt, budget: float | None
         m = task.step(x, y, min(frac, 1.0), min(after, 1.0))
         task.batch_in_epoch += 1
         task.elapsed += time.time() - t0
-        if task.ctx.callbacks.on_step_end is not None:  # tests: e.g. compare weights across ranks
-            task.ctx.callbacks.on_step_end(task, m)
+        on_step = task.ctx.extras.get("qat_on_step")  # tests: e.g. compare weights across ranks
+        if on_step is not None:
+            on_step(task)
         bar.advance(1, info=f"ep {task.epoch + 1} loss {m['loss']:.3f} acc {100 * m['acc']:.0f}% "
                     + " ".join(f"{k} {v:.3g}" for k, v in m.items() if k not in ("loss", "acc")))
-        if stop_now:
+        if stop_now or (interrupt_after is not None and task.steps >= interrupt_after):
             _save(task)
             raise KeyboardInterrupt
         if budget is not None and _broadcast([float(task.elapsed >= budget)])[0]:
@@ -242,8 +244,9 @@ def _end_epoch(task: QATTask, bar) -> None:
     if task.cfg.select_epoch and top1 is not None and (task.best is None or top1 > task.best[0]):
         task.best = (top1, {"sim": {k: v.clone() for k, v in task.sim.state_dict().items()},
                             "method_state": task.method.state_dict(), "epoch": task.epoch + 1})
-    if task.ctx.callbacks.on_epoch_end is not None:  # benches: e.g. snapshot top-1 against time
-        task.ctx.callbacks.on_epoch_end(task, task.history[-1])
+    on_epoch = task.ctx.extras.get("qat_on_epoch")  # benches: e.g. snapshot top-1 against time
+    if on_epoch is not None:
+        on_epoch(task, top1)
     bar.update(info=f"epoch {task.epoch + 1} held-out top-1 {top1 if top1 is None else round(top1, 2)}")
     task.epoch += 1
     task.batch_in_epoch = 0
