@@ -167,12 +167,14 @@ def prepare(name: str, work: Path, threads: int, bits: tuple[str, ...] = ("w8a8"
     return built
 
 
-def interleaved_p50_min(calls: dict, rounds: int, warmup: int) -> dict:
+def interleaved_p50_min(calls: dict, rounds: int, warmup: int, settle: int = 1) -> dict:
     """Interleaved timing (order shuffled each round) returning name -> (p50 ms, min ms) per call.
 
     The p50 ratios are the figures. The minimum is printed beside them: on a quiet machine the two agree; at a
     load average of 20+ on 2 cores the minima scattered by 2x between structurally identical files (W8A8 vs
-    W4A8) while the p50 ratios stayed within a few per cent.
+    W4A8) while the p50 ratios stayed within a few per cent. Each timed call follows ``settle`` untimed calls
+    of the same engine, as in ``qexport.latency.interleaved_compare``; the sessions of ``load_engine`` do not
+    spin-wait (a spinning ORT pool took the cores from the next engine: ResNet-18 W8A8 median 20 ms vs 7.6 ms).
     """
     names = list(calls)
     for n in names:
@@ -182,6 +184,8 @@ def interleaved_p50_min(calls: dict, rounds: int, warmup: int) -> dict:
     rng = np.random.default_rng(0)
     for _ in range(rounds):
         for n in rng.permutation(names):  # a seeded shuffle each round: no engine always follows the same one
+            for _ in range(settle):
+                calls[n]()
             t0 = time.perf_counter()
             calls[n]()
             times[n].append(time.perf_counter() - t0)

@@ -66,6 +66,7 @@ def gemm_peaks(threads: int, seconds: float) -> dict:
 
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # interleaved: see load_engine's docstring
     rows = []
     for m, k, n in GEMM_SHAPES:
         rng = np.random.default_rng(1)

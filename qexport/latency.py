@@ -106,18 +106,22 @@ def measure(fn: Callable[[], object], warmup: int = 10, iters: int = 100, min_ti
 
 
 def interleaved_compare(runners: Mapping[str, Callable[[], object]], rounds: int, *, warmup: int = 5,
-                        per_round: int = 1, batch_size: int | Mapping[str, int] = 1,
+                        per_round: int = 1, settle: int = 1, batch_size: int | Mapping[str, int] = 1,
                         clock: Clock = time.perf_counter) -> dict[str, LatencyStats]:
     """Time several engines round-robin in one process, so that machine noise hits them equally.
 
-    Each round calls every runner ``per_round`` times; the order of the runners rotates by one each round, so
-    none is always first after another.
+    Each round calls every runner ``settle`` times untimed, then ``per_round`` times timed; the order of the
+    runners rotates by one each round, so none is always first after another. The untimed call absorbs what
+    the previous engine leaves behind (caches, a thread pool winding down). Runners must not spin-wait between
+    calls: an ONNX Runtime pool that spins keeps a 2-core machine busy long after its call returned (the ORT
+    runners of ``load_engine`` don't spin; see ``qexport.runtimes.onnxrt``).
 
     Args:
         runners: name -> call to time (each must block until done).
         rounds: number of rounds (each runner gets ``rounds * per_round`` timed calls).
         warmup: untimed calls of each runner before the first round.
         per_round: timed calls of a runner in a row within a round.
+        settle: untimed calls of a runner at the start of its turn in every round (0 to time every call).
         batch_size: images per call, one for all or per name.
         clock: seconds as a float; read twice per timed call.
 
@@ -126,8 +130,9 @@ def interleaved_compare(runners: Mapping[str, Callable[[], object]], rounds: int
     """
     if not runners:
         raise ValueError("interleaved_compare needs at least one runner")
-    if rounds < 1 or per_round < 1:
-        raise ValueError(f"interleaved_compare needs rounds >= 1 and per_round >= 1, got {rounds}, {per_round}")
+    if rounds < 1 or per_round < 1 or settle < 0:
+        raise ValueError("interleaved_compare needs rounds >= 1, per_round >= 1 and settle >= 0, "
+                         f"got {rounds}, {per_round}, {settle}")
     names = list(runners)
     for name in names:
         for _ in range(warmup):
@@ -137,6 +142,8 @@ def interleaved_compare(runners: Mapping[str, Callable[[], object]], rounds: int
         k = r % len(names)
         for name in names[k:] + names[:k]:
             fn = runners[name]
+            for _ in range(settle):
+                fn()
             for _ in range(per_round):
                 t0 = clock()
                 fn()

@@ -393,13 +393,24 @@ def test_interleaved_compare_round_robin():
     order = []
     runners = {"a": lambda: order.append("a"), "b": lambda: order.append("b")}
     # per timed call the clock advances: a -> 2 ms, b -> 1 ms (a's calls are odd-numbered in round 0, ...)
-    stats = interleaved_compare(runners, rounds=3, warmup=1, clock=_fake_clock([0.002, 0.001, 0.001, 0.002,
-                                                                                0.002, 0.001]),
+    stats = interleaved_compare(runners, rounds=3, warmup=1, settle=0,
+                                clock=_fake_clock([0.002, 0.001, 0.001, 0.002, 0.002, 0.001]),
                                 batch_size={"a": 1, "b": 2})
     seq = order[2:]
     assert order[:2] == ["a", "b"] and seq == ["a", "b", "b", "a", "a", "b"]
     assert stats["a"].p50_ms == pytest.approx(2.0) and stats["b"].p50_ms == pytest.approx(1.0)
     assert stats["b"].throughput_ips == pytest.approx(2000.0) and stats["a"].iters == 3
+
+
+def test_interleaved_compare_settles_each_turn_untimed():
+    order = []
+    runners = {"a": lambda: order.append("a"), "b": lambda: order.append("b")}
+    # the clock is read only around timed calls: 2 rounds x 2 runners x 1 timed call = 4 durations
+    stats = interleaved_compare(runners, rounds=2, warmup=0, settle=2, clock=_fake_clock([0.003, 0.001, 0.001, 0.003]))
+    assert order == ["a"] * 3 + ["b"] * 3 + ["b"] * 3 + ["a"] * 3
+    assert stats["a"].iters == 2 and stats["a"].p50_ms == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="settle"):
+        interleaved_compare(runners, rounds=1, settle=-1)
 
 
 def test_stats_validation():
