@@ -217,7 +217,8 @@ class _GraphEditor:
             self._const(node.output[0], b)
             return []
         bias_scale = np.float32(self.recipe.act_scales[point]) * self.recipe.weight_scales[layer].numpy().astype(np.float32)
-        q = np.clip(np.round(b / bias_scale), -(2**31), 2**31 - 1).astype(np.int64)
+        # Saturate in float64: in float32 the bound 2**31 - 1 rounds up to 2**31, which wraps to -2**31 in int32.
+        q = np.clip(np.round(b / bias_scale).astype(np.float64), -(2**31), 2**31 - 1).astype(np.int64)
         if self.target.bias == "float":  # e.g. TensorRT: float values on the int32 grid that QuantSim uses
             self._const(node.output[0], (q.astype(np.float32) * bias_scale).astype(np.float32))
             return []
