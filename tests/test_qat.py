@@ -94,6 +94,33 @@ def test_ste_learns_step_sizes(labelled):
     assert moved_w == list(w0) and moved_a, (moved_w, moved_a)
 
 
+
+@pytest.mark.parametrize("method", ["ste", "md"])
+def test_activation_scales_start_from_the_prepared_weights(labelled, method, monkeypatch):
+    """Activation ranges are observed on the network training starts from: the method's weight scales, not
+    QuantSim's unit ones (with those nearly every weight rounds to 0 and a ReLU's scale lands on the 1e-8 floor)."""
+    from qexport.calibrators import qat_task
+    from qexport.calibrators.md import MDConfig, MDMethod
+    from qexport.calibrators.qat import QATConfig
+    from qexport.calibrators.ste import SteMethod
+
+    seen = {}
+    real = qat_task.calibrate_activations
+
+    def spy(sim, *args, **kwargs):
+        seen.update({n: l.weight_quantizer.scale.detach().clone() for n, l in sim.layers().items()})
+        return real(sim, *args, **kwargs)
+
+    monkeypatch.setattr(qat_task, "calibrate_activations", spy)
+    cfg = MDConfig(batch_size=8) if method == "md" else QATConfig(batch_size=8)
+    task = qat_task.QATTask(_ctx(labelled, "w2a8" if method == "md" else "w8a8"), cfg,
+                            MDMethod(cfg) if method == "md" else SteMethod())
+    for name, layer in task.sim.layers().items():
+        assert torch.equal(seen[name], layer.weight_quantizer.scale.detach()), name
+        assert not torch.all(seen[name] == 1.0), name
+    assert all(float(a.scale.detach()) > 1e-6 for a in task.sim.act_quantizers().values())
+
+
 # ---------------------------------------------------------------- md
 @pytest.mark.parametrize("bits,levels", [("w1a8", (-1, 1)), ("w2a8", (-1, 0, 1))])
 def test_md_anneals_and_soft_weights_approach_levels(labelled, bits, levels):

@@ -162,7 +162,7 @@ class QATMethod:
         """Set up quantizers before training (initial scales, replacements) and name what is trained.
 
         Args:
-            sim: the QuantSim (activation scales already initialised).
+            sim: the QuantSim; activation scales are initialised after this, on the network it leaves.
             ctx: the CalibrationContext.
 
         Returns:

@@ -68,8 +68,10 @@ class QATTask:
         with progress_bar(None, "loading training images", ctx.quiet or self.rank > 0) as bar:
             self.split = qat_data.open_labelled(ctx.data_dir, ctx.model.preprocess, nc, cfg.val_fraction, ctx.seed,
                                                 cfg.max_images, progress=lambda d, t: bar.update(completed=d, total=t))
-        self._init_scales()
         groups = method.prepare(self.sim, ctx)
+        # After prepare: the ranges are those of the network training starts from, with the method's weight
+        # scales (before it, every weight grid has QuantSim's unit scale and most weights round to 0).
+        self._init_scales()
         if cfg.learn_act_scales and method.name != "fp32":
             acts = [aq.scale for ap, aq in zip(self.sim.plan.activations, self.sim.act_quantizers().values())
                     if not ap.share_scale_with]
