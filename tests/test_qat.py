@@ -121,6 +121,24 @@ def test_activation_scales_start_from_the_prepared_weights(labelled, method, mon
     assert all(float(a.scale.detach()) > 1e-6 for a in task.sim.act_quantizers().values())
 
 
+
+@pytest.mark.parametrize("method, factor", [("ste", 1.0), ("md", 0.1)])
+def test_activation_step_sizes_take_the_methods_share_of_the_lr(labelled, method, factor):
+    """md's peak lr is u's: its activation step sizes take a tenth (at Adam's 1e-3 a ~1e-3 step collapses to the
+    1e-8 floor within a few steps, and ONNX Runtime then refuses the pool's scale ratio)."""
+    from qexport.calibrators.md import MDConfig, MDMethod
+    from qexport.calibrators.qat import QATConfig
+    from qexport.calibrators.qat_task import QATTask
+    from qexport.calibrators.ste import SteMethod
+
+    cfg = MDConfig(batch_size=8) if method == "md" else QATConfig(batch_size=8)
+    m = MDMethod(cfg) if method == "md" else SteMethod()
+    task = QATTask(_ctx(labelled, "w8a8"), cfg, m)
+    acts = {id(a.scale) for a in task.sim.act_quantizers().values()}
+    (group,) = [g for g in task.optimizer.param_groups if {id(p) for p in g["params"]} & acts]
+    assert group["lr"] == pytest.approx(m.default_lr["adam"] * factor)
+
+
 # ---------------------------------------------------------------- md
 @pytest.mark.parametrize("bits,levels", [("w1a8", (-1, 1)), ("w2a8", (-1, 0, 1))])
 def test_md_anneals_and_soft_weights_approach_levels(labelled, bits, levels):

@@ -239,6 +239,9 @@ class MDMethod(SteMethod):
 
     name = "md"
     default_lr = {"adam": 1e-3, "sgd": 1e-2}
+    # The peak lr is u's (levels are O(1) apart); scales take a tenth, activation steps too: Adam moves a
+    # parameter by about lr per step, and at 1e-3 a ~1e-3 step size collapses to the floor in a few steps.
+    act_scale_lr_factor = 0.1
 
     def __init__(self, cfg: MDConfig):
         self.cfg = cfg

@@ -153,10 +153,12 @@ class QATMethod:
     Attributes:
         name: method name (checkpoints record it).
         default_lr: peak lr when ``--lr`` is not given, per optimizer.
+        act_scale_lr_factor: the learned activation step sizes train at this multiple of the peak lr.
     """
 
     name = "base"
     default_lr = {"adam": 1e-4, "sgd": 1e-3}
+    act_scale_lr_factor = 1.0
 
     def prepare(self, sim, ctx) -> list[dict]:
         """Set up quantizers before training (initial scales, replacements) and name what is trained.

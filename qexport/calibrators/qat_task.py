@@ -77,7 +77,7 @@ class QATTask:
                     if not ap.share_scale_with]
             for p in acts:
                 p.requires_grad_(True)
-            groups.append({"params": acts})
+            groups.append({"params": acts, "lr_factor": method.act_scale_lr_factor})
         self.optimizer = self._optimizer(groups)
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.model = self.sim
@@ -111,7 +111,7 @@ class QATTask:
             g["params"] = [p for p in g["params"] if p.requires_grad]
             if not g["params"]:
                 continue
-            g.setdefault("lr", lr)
+            g.setdefault("lr", lr * g.pop("lr_factor", 1.0))
             g["weight_decay"] = cfg.weight_decay if g.pop("decay", False) else 0.0
             clean.append(g)
         if not clean:
