@@ -11,10 +11,10 @@ parity); otherwise the export is refused with a one-line error that says to reca
 
 Below 8 bits an activation is an 8-bit Q/DQ pair with the low-bit scale and a Clip to the low-bit range,
 which reproduces the low-bit quantization exactly in an INT8 engine (architecture.md). Where the Clip goes is
-per target (the descriptor's ``code_clip``, qexport/quant/targets.py): on the integer codes between Q and DQ, ``Q -> Clip(codes, qmin + zp,
-qmax + zp) -> DQ`` (onnxruntime: the Q -> DQ pattern around every conv stays intact, so ONNX Runtime fuses
-QLinearConv with a cheap integer Clip after it; a float Clip before Q stops that fusion), or on the float
-values before Q, ``Clip(x, qmin * s, qmax * s) -> Q -> DQ`` (TensorRT accepts only a Q feeding a DQ). The two
+per target (the descriptor's ``code_clip``, qexport/quant/targets.py): on the integer codes between Q and DQ,
+``Q -> Clip(codes, qmin + zp, qmax + zp) -> DQ`` (onnxruntime and openvino: the Q -> DQ pattern around every
+conv stays intact, so ONNX Runtime fuses QLinearConv with a cheap integer Clip after it, while a float Clip
+before Q stops that fusion), or on the float values before Q, ``Clip(x, qmin * s, qmax * s) -> Q -> DQ`` (TensorRT accepts only a Q feeding a DQ). The two
 are the same function: Q rounds ``clip(x/s)`` and clipping commutes with the monotone rounding.
 """
 
@@ -79,46 +79,6 @@ def act_encoding(spec: QuantSpec, target: str) -> tuple[int, int, tuple[int, int
     return _ONNX_DTYPES[dtype], zp, clip
 
 
-def _exact_clip_bound(level: int, scale: np.float32, upper: bool) -> np.float32:
-    """A float32 clip bound next to ``level * scale`` that OpenVINO turns back into ``level`` (openvino target).
-
-    OpenVINO moves the dequantization of a u8 tensor through a Clip, so the Clip runs on the integer codes with
-    its bound divided by the scale and converted to an integer (the upper one rounded down): with
-    ``float32(15 * s) / s == 14.999999`` code 15 becomes 14 (measured: ResNet-32 W4A4, one residual
-    requantization; moving that one bound up by one ulp took agreement from 94.4 % to 99.8 %). Any bound within
-    half a step of ``level * scale`` clips to the same level, so the neighbour (a few ulps away) whose quotient
-    is exactly ``level`` -- or else on the safe side of it: >= for the upper bound, <= for the lower one --
-    changes nothing in exact arithmetic.
-
-    Args:
-        level: integer clip level.
-        scale: the activation scale.
-        upper: the Clip's max (else its min).
-
-    Returns:
-        The bound.
-    """
-    scale = np.float32(scale)
-    c = np.float32(np.float32(level) * scale)
-    if level == 0:
-        return c
-    cands = [c]
-    for direction in (np.float32(np.inf), np.float32(-np.inf)):
-        x = c
-        for _ in range(4):
-            x = np.nextafter(x, direction, dtype=np.float32)
-            cands.append(np.float32(x))
-    cands.sort(key=lambda v: abs(float(v) - float(level) * float(scale)))
-    quotient = lambda v: float(np.float32(v / scale))
-    for v in cands:
-        if quotient(v) == level:
-            return v
-    for v in cands:
-        if (quotient(v) >= level) if upper else (quotient(v) <= level):
-            return v
-    return c
-
-
 class _GraphEditor:
     """Rewrites marker nodes into Q/DQ nodes and integer initializers."""
 
@@ -154,10 +114,7 @@ class _GraphEditor:
                                           name=f"{point}.DQ"))
             return nodes
         if clip is not None:
-            if self.target.exact_clip_bounds:
-                lo_v, hi_v = _exact_clip_bound(clip[0], scale, False), _exact_clip_bound(clip[1], scale, True)
-            else:
-                lo_v, hi_v = np.float32(clip[0]) * scale, np.float32(clip[1]) * scale
+            lo_v, hi_v = np.float32(clip[0]) * scale, np.float32(clip[1]) * scale
             lo = self._const(f"{point}.clip_min", np.array(lo_v, dtype=np.float32))
             hi = self._const(f"{point}.clip_max", np.array(hi_v, dtype=np.float32))
             nodes.append(helper.make_node("Clip", [src, lo, hi], [f"{point}.clipped"], name=f"{point}.Clip"))
