@@ -18,7 +18,9 @@ import onnx
 from qexport.export.check import GraphIndex, Violation, register_rule
 from qexport.export.check_rules import DQ, QRANGE, Q, _inp, _same, _scale, _tname, _zp
 
-CODE_CLIP_RULE_TARGETS = ("onnxruntime", "openvino")
+from qexport.quant.targets import targets_with
+
+CODE_CLIP_RULE_TARGETS = targets_with("code_clip")  # the targets whose exports clip the codes
 
 
 def is_code_clip(ix: GraphIndex, node: onnx.NodeProto) -> bool:

@@ -344,14 +344,16 @@ def build_qdq_model(recipe: QuantRecipe, target: str, opset: int = DEFAULT_OPSET
 
 def _check_aligned_target(ap, target: str, erf_encoding: str) -> None:
     """Refuse targets whose runtime cannot run an aligned point (before anything is traced or written)."""
-    from qexport.quant.aligned import ERF_TARGETS
+    from qexport.quant.targets import targets_with
 
-    if target not in ERF_TARGETS:
+    encodings = get_target(target).erf_encodings
+    if not encodings:
         raise QexportError(f"the recipe has aligned (Erf) activations, which target {target!r} cannot run; "
-                           f"export for one of {', '.join(ERF_TARGETS)}")
+                           f"export for one of {', '.join(targets_with('erf_encodings'))}")
     act_encoding(ap.in_spec, target)
-    if erf_encoding == "lookup" and target == "tensorrt":
-        raise QexportError("TensorRT takes no integer code lookup (Gather on Q codes); export with --erf-encoding erf")
+    if erf_encoding not in encodings:
+        raise QexportError(f"target {target} takes no --erf-encoding {erf_encoding} (an integer code lookup is a "
+                           f"Gather on Q codes); export with --erf-encoding {encodings[0]}")
 
 
 def build_fp32_model(recipe: QuantRecipe, opset: int = DEFAULT_OPSET, meta: dict | None = None) -> onnx.ModelProto:

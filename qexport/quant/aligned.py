@@ -33,8 +33,6 @@ from qexport.quant.spec import QuantSpec, activation_spec
 DEFAULT_GAIN = 2.0  # a in the paper: the aligned activation lies in (-a, a)
 INV_SQRT2 = np.float32(1.0 / math.sqrt(2.0))  # the float32 constant of the exported Mul
 IN_BITS = 8
-# The runtimes whose ONNX importers take Erf (opset >= 9) and whose targets may hold aligned points.
-ERF_TARGETS = ("onnxruntime", "openvino", "tensorrt")
 
 
 def saturation_input(n: int) -> float:
@@ -121,9 +119,11 @@ def make_aligned(point, target: str, gain: float = DEFAULT_GAIN):
     Returns:
         The aligned ActPoint.
     """
-    if target not in ERF_TARGETS:
+    from qexport.quant.targets import targets_with
+
+    if target not in targets_with("erf_encodings"):
         raise QexportError(f"target {target!r} cannot run Erf, which aligned activations need; use one of "
-                           f"{', '.join(ERF_TARGETS)} or --opt align=weights")
+                           f"{', '.join(targets_with('erf_encodings'))} or --opt align=weights")
     if not gain > 0:
         raise QexportError(f"the alignment gain a must be positive, got {gain}")
     if point.spec.signed:

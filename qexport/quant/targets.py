@@ -15,8 +15,12 @@ tensorrt      int8, zero point 0          signed 8-bit    float on    tensorrt /
                                           grids only      int32 grid
 openvino      as onnxruntime              unsigned 8-bit  int32 DQ    openvino / none
                                           grids, no
-                                          fusion points
+                                          fusion points,
+                                          code clip
 ============  ==========================  ==============  ==========  ======================================
+
+Aligned (Erf) activation points: every built-in target runs ``Erf``; the integer code lookup (a Gather on the
+codes) runs on onnxruntime and openvino, not on TensorRT (the descriptor's ``erf_encodings``).
 
 Two targets whose plan policies are equal take each other's recipes unchanged; otherwise a recipe exports to a
 target only when the target's own plan of the same model is the recipe's plan (``qexport export`` checks).
@@ -65,6 +69,8 @@ class Target:
             (``QuantSim.set_engine_arithmetic``), or None when it does not.
         code_clip: a low-bit activation's Clip acts on the integer codes between Q and DQ (keeps the Q -> DQ
             pattern, so the runtime fuses the neighbouring convs); otherwise a float Clip before Q.
+        erf_encodings: how the target's runtime can run an aligned activation point (``erf``: an Erf node
+            between DQ and Q; ``lookup``: a Gather from the incoming codes); empty when it can run neither.
     """
 
     name: str
@@ -75,6 +81,7 @@ class Target:
     runtimes: tuple[str, ...]
     integer_arithmetic: str | None = None
     code_clip: bool = False
+    erf_encodings: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.act_dtype not in _ACT_DTYPES:
@@ -83,6 +90,8 @@ class Target:
             raise QexportError(f"target {self.name!r}: bias must be one of {_BIAS}, not {self.bias!r}")
         if not self.runtimes:
             raise QexportError(f"target {self.name!r} names no runtime")
+        if not set(self.erf_encodings) <= {"erf", "lookup"}:
+            raise QexportError(f"target {self.name!r}: erf_encodings must be among erf, lookup")
 
     def act_encoding(self, spec: QuantSpec) -> tuple[str, int, tuple[int, int] | None]:
         """How this target encodes an activation grid in a Q/DQ pair.
@@ -149,12 +158,25 @@ def get_target(name: str) -> Target:
 
 register_target(Target("onnxruntime", "ONNX Runtime CPU: uint8 activations, fused integer conv + add",
                        act_dtype="uint8", bias="int32", plan=PlanPolicy(unsigned_8bit=True, fusion_points=True),
-                       runtimes=("onnxruntime",), integer_arithmetic="onnxruntime", code_clip=True))
+                       runtimes=("onnxruntime",), integer_arithmetic="onnxruntime", code_clip=True,
+                       erf_encodings=("erf", "lookup")))
 register_target(Target("tensorrt", "TensorRT: int8 activations with zero point 0 (NVIDIA GPU)",
                        act_dtype="int8", bias="float", plan=PlanPolicy(unsigned_8bit=False, fusion_points=False),
-                       runtimes=("tensorrt",)))
+                       runtimes=("tensorrt",), erf_encodings=("erf",)))
 # OpenVINO runs both clip forms exactly; the code clip measured 1.17x faster on ResNet-20 W4A4 at batch 1 and equal
 # on ResNet-18 (bench/openvino_clip_forms.py), and needs no float bound that OpenVINO turns back into a level.
 register_target(Target("openvino", "OpenVINO CPU: ONNX Runtime's encoding, no fusion points",
                        act_dtype="uint8", bias="int32", plan=PlanPolicy(unsigned_8bit=True, fusion_points=False),
-                       runtimes=("openvino",), code_clip=True))
+                       runtimes=("openvino",), code_clip=True, erf_encodings=("erf", "lookup")))
+
+
+def targets_with(feature: str) -> tuple[str, ...]:
+    """Names of the registered targets whose descriptor has a feature set (true or non-empty).
+
+    Args:
+        feature: a Target field, e.g. ``code_clip`` or ``erf_encodings``.
+
+    Returns:
+        The target names, in registration order.
+    """
+    return tuple(name for name, t in _REGISTRY.items() if getattr(t, feature))
