@@ -110,7 +110,10 @@ def first_divergent_layer(engine_dir: str | Path, recipe, sim, dataset, indices:
             sim_codes.setdefault(ap.name, []).append(sc[ap.name])
             src = ap.name if f"{ap.name}.q" in exposed else ap.share_scale_with
             if src is not None and f"{src}.q" in exposed:
-                eng_codes.setdefault(ap.name, []).append(res[f"{src}.q"].astype(np.int64) - zero_point[src])
+                codes = res[f"{src}.q"].astype(np.int64) - zero_point[src]
+                if export_target.code_clip:  # the exposed tensor is Q's output; the Clip on the codes follows it
+                    codes = np.clip(codes, ap.spec.qmin, ap.spec.qmax)
+                eng_codes.setdefault(ap.name, []).append(codes)
 
     consumers: dict[str, list[str]] = {}
     for lp in plan.layers:
