@@ -1,7 +1,8 @@
 """QuantSim with ONNX Runtime's integer arithmetic (qexport/quant/engine_arith.py) against real ORT sessions.
 
 - the QLinearAdd formula equals a real com.microsoft.QLinearAdd node on every pair of uint8 codes;
-- the requantization of exact accumulators equals a real QLinearConv node (im2col path and ConvSym path);
+- the requantization of exact accumulators equals a real QLinearConv node (im2col path and ConvSym path), with
+  the int16 pair saturation of u8s8 kernels on CPUs without VNNI;
 - a small residual model's emulated QuantSim equals its ORT engine bit for bit (W8A8, W4A8, W4A4), and verify
   says so;
 - ResNet-20 W8A8 (shared folder): bit-exact logits on a test-dev subset;
@@ -21,6 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qexport.errors import QexportError
 from qexport.quant.engine_arith import emulated_here, qlinear_add_codes, requantize_levels
+from qexport.quant.u8s8_saturation import saturation_correction, u8s8_pairs_saturate
 from qexport.recipe import QuantRecipe
 from qexport.runtimes.onnxrt import session_for
 from tests_support.models import PREPROCESS
@@ -67,9 +69,17 @@ def test_qlinear_add_matches_ort_node(tmp_path, zps, seed):
         assert (np.clip(np.round(exact) + zc, 0, 255) != got).sum() >= 100  # 151 of 65,573 here
 
 
-@pytest.mark.parametrize("cin,zp_x,zp_y", [(3, 128, 0), (16, 0, 128), (32, 0, 0)])
-def test_requantization_matches_qlinearconv_node(tmp_path, cin, zp_x, zp_y):
-    """A real QLinearConv (3 input channels: im2col + MlasRequantizeOutput; 16/32: the ConvSym kernels)."""
+class _ConvGeometry:
+    """The geometry saturation_correction reads from a QuantConv2d."""
+
+    def __init__(self, stride: int):
+        self.groups, self.padding, self.stride, self.dilation = 1, (1, 1), (stride, stride), (1, 1)
+
+
+@pytest.mark.parametrize("cin,zp_x,zp_y,stride", [(3, 128, 0, 1), (16, 0, 128, 1), (32, 0, 0, 1), (16, 128, 0, 2)])
+def test_requantization_matches_qlinearconv_node(tmp_path, cin, zp_x, zp_y, stride):
+    """A real QLinearConv (3 input channels: im2col + MlasRequantizeOutput; 16/32: the ConvSym kernels); on a CPU
+    without VNNI the int16 pair saturation of its u8s8 kernels is part of the model (random 8-bit weights hit it)."""
     rng = np.random.default_rng(cin)
     cout = 16
     x = rng.integers(0, 256, (4, cin, 9, 9), dtype=np.uint8)
@@ -80,15 +90,35 @@ def test_requantization_matches_qlinearconv_node(tmp_path, cin, zp_x, zp_y):
     inits = {"sx": np.array(sx), "zx": np.array(zp_x, np.uint8), "w": w, "sw": sw, "zw": np.zeros(cout, np.int8),
              "sy": np.array(sy), "zy": np.array(zp_y, np.uint8), "bias": bias}
     node = helper.make_node("QLinearConv", ["X", "sx", "zx", "w", "sw", "zw", "sy", "zy", "bias"], ["Y"],
-                            pads=[1, 1, 1, 1])
+                            pads=[1, 1, 1, 1], strides=[stride, stride])
     path = _save(tmp_path, [node], [helper.make_tensor_value_info("X", TensorProto.UINT8, list(x.shape))],
                  [helper.make_tensor_value_info("Y", TensorProto.UINT8, None)], inits, "qconv")
     got = session_for(path, threads=1, optimize=False).run(None, {"X": x})[0]
-    acc = F.conv2d(torch.from_numpy(x.astype(np.float64) - zp_x), torch.from_numpy(w.astype(np.float64)), padding=1)
+    xt, wt = torch.from_numpy(x.astype(np.float64)), torch.from_numpy(w.astype(np.float64))
+    acc = F.conv2d(xt - zp_x, wt, padding=1, stride=stride)
     acc = acc + torch.from_numpy(bias.astype(np.float64)).view(1, -1, 1, 1)
+    corr = saturation_correction(xt, wt, _ConvGeometry(stride), zp_x)
+    assert corr is not None and float(corr.abs().max()) > 0  # these weights can saturate a pair
+    if u8s8_pairs_saturate():
+        acc = acc + corr
     mult = torch.from_numpy((sx * sw) / sy).view(1, -1, 1, 1)
     want = requantize_levels(acc, mult, zp_y).numpy() + zp_y
     np.testing.assert_array_equal(got, want.astype(np.uint8))
+
+
+def test_saturation_correction_equals_pairwise_sums():
+    """The correction equals brute force: products in (kh, kw, c) order, neighbour pairs clamped to int16."""
+    rng = np.random.default_rng(5)
+    x = torch.from_numpy(rng.integers(0, 256, (2, 3, 5, 5)).astype(np.float64))
+    w = torch.from_numpy(rng.integers(-127, 128, (4, 3, 3, 3)).astype(np.float64))
+    corr = saturation_correction(x, w, _ConvGeometry(1), pad_code=7)
+    xp = F.pad(x, (1, 1, 1, 1), value=7.0)
+    for n, o, i, j in [(0, 0, 0, 0), (1, 3, 2, 4), (0, 2, 4, 1), (1, 1, 3, 3)]:
+        prods = (xp[n, :, i:i + 3, j:j + 3] * w[o]).permute(1, 2, 0).reshape(-1).tolist() + [0.0]  # K = 27: pad
+        pairs = [prods[k] + prods[k + 1] for k in range(0, 28, 2)]
+        want = sum(min(max(p, -32768.0), 32767.0) - p for p in pairs)
+        assert float(corr[n, o, i, j]) == want
+    assert saturation_correction(x, torch.clamp(w, -64, 64), _ConvGeometry(1)) is None  # 7-bit: never saturates
 
 
 # ---------------------------------------------------------------- whole models

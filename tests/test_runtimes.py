@@ -56,7 +56,9 @@ def qdq_onnx(tmp_path_factory) -> Path:
 
     rng = np.random.default_rng(0)
     oc = 4
-    w_q = rng.integers(-127, 128, size=(oc, C, 3, 3), dtype=np.int8)
+    # 7-bit weights: no int16 pair of uint8 x int8 products saturates on x86 CPUs without VNNI, so these runtime
+    # tests compare the fused kernels with float on any x86 (the saturation: test_pair_saturation.py)
+    w_q = rng.integers(-63, 64, size=(oc, C, 3, 3), dtype=np.int8)
     inits = [
         numpy_helper.from_array(np.array(0.02, np.float32), "x_scale"),
         numpy_helper.from_array(np.array(128, np.uint8), "x_zp"),

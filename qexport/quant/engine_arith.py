@@ -31,8 +31,10 @@ float32 and rounds half to even, DequantizeLinear multiplies, float Add/Relu, mo
 the engine runs in float (a conv of an old plan whose output feeds a residual Add without a quantizer) keep
 QuantSim's arithmetic: their float32 summation order is MLAS's own and is not emulated.
 
-Not emulated: ARM (its QLinearAdd is fixed point), x86 CPUs without VNNI running 8-bit weights (their u8s8
-kernels can saturate int16 pair sums), int32 overflow.
+- x86 CPUs without VNNI: their u8s8 kernels saturate int16 sums of product pairs (8-bit weights only);
+  qexport/quant/u8s8_saturation.py adds that to the accumulators when this machine's flags show no VNNI.
+
+Not emulated: ARM (its QLinearAdd is fixed point), grouped convolutions on CPUs without VNNI, int32 overflow.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from torch import fx
 from qexport.errors import QexportError
 from qexport.quant import graph_ops
 from qexport.quant.quantsim import ActQuantizer, QuantConv2d, QuantLinear
+from qexport.quant.u8s8_saturation import saturation_correction, u8s8_pairs_saturate
 
 ARITHMETIC_NAME = "onnxruntime-integer"
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
@@ -217,6 +220,7 @@ class OrtIntegerArithmetic:
         self.adds: dict[fx.Node, tuple] = {}  # node -> (quantizer of A, of B, of the output)
         self.pools: set[fx.Node] = set()
         self.qpools: dict[fx.Node, tuple] = {}  # node -> (input quantizer, output quantizer)
+        self.pair_saturation = u8s8_pairs_saturate()  # this CPU's u8s8 kernels saturate int16 pair sums
         for n in gm.graph.nodes:
             mod = graph_ops.target_module(gm, n)
             if isinstance(mod, (QuantConv2d, QuantLinear)):
@@ -285,7 +289,12 @@ class OrtIntegerArithmetic:
         s_w = mod.weight_quantizer.scale.detach().to(torch.float32)
         levels = torch.round(x / s_in).to(torch.float64)
         w = mod.int_weight().to(torch.float64)
-        acc = mod._conv_forward(levels, w, None) if isinstance(mod, QuantConv2d) else F.linear(levels, w)
+        conv = mod if isinstance(mod, QuantConv2d) else None
+        acc = mod._conv_forward(levels, w, None) if conv is not None else F.linear(levels, w)
+        if self.pair_saturation:  # the kernel multiplies the raw uint8 codes: level plus zero point
+            zp_in = ort_encoding(in_aq.spec)[0]
+            corr = saturation_correction(levels + zp_in, w, conv, zp_in)
+            acc = acc if corr is None else acc + corr
         shape = (1, -1) + (1,) * (acc.dim() - 2)
         bias_scale = s_in * s_w  # float32, as the exporter's bias grid and ORT's x_scale * w_scale
         if mod.bias is not None:

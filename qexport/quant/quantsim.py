@@ -114,6 +114,7 @@ class _QuantLayerMixin:
         self.layer_name = name
         self.export_mode = False
         self.exact_accumulation = False
+        self.pair_saturation: tuple[str, int, int] | None = None  # (order, zero point, pad code): set_pair_saturation
         self._input_quantizer: tuple[ActQuantizer, ...] = ()  # tuple: keeps it out of the module tree
 
     def bind_input_quantizer(self, aq: ActQuantizer | None) -> None:
@@ -158,6 +159,22 @@ class _QuantLayerMixin:
     def int_weight(self) -> torch.Tensor:
         return self.weight_quantizer.int_weight(self.weight.detach())
 
+    def saturated_pairs_term(self, x: torch.Tensor) -> torch.Tensor | float:
+        """What an engine's int16 pair saturation adds to this layer's float64 output (0 when it is off)."""
+        aq = self.input_quantizer
+        if self.pair_saturation is None or aq is None or not aq.enabled or not self.weight_quantizer.enabled:
+            return 0.0
+        from qexport.quant.u8s8_saturation import saturation_correction
+
+        order, zero_point, pad_code = self.pair_saturation
+        s_in = aq.scale.detach().double()
+        codes = torch.round(x / s_in) + zero_point
+        conv = self if isinstance(self, nn.Conv2d) else None
+        corr = saturation_correction(codes, self.int_weight().double(), conv, pad_code=pad_code, order=order)
+        if corr is None:
+            return 0.0
+        return corr * s_in * channel_view(self.weight_quantizer.scale.detach().double(), corr.dim())
+
 
 def _f64(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.double()
@@ -169,7 +186,8 @@ class QuantConv2d(_QuantLayerMixin, nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.quant_weight_bias()
         if self.exact_accumulation:
-            return self._conv_forward(x.double(), w.double(), _f64(b)).to(x.dtype)
+            x64 = x.double()
+            return (self._conv_forward(x64, w.double(), _f64(b)) + self.saturated_pairs_term(x64)).to(x.dtype)
         return self._conv_forward(x, w, b)
 
 
@@ -179,7 +197,8 @@ class QuantLinear(_QuantLayerMixin, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.quant_weight_bias()
         if self.exact_accumulation:
-            return F.linear(x.double(), w.double(), _f64(b)).to(x.dtype)
+            x64 = x.double()
+            return (F.linear(x64, w.double(), _f64(b)) + self.saturated_pairs_term(x64)).to(x.dtype)
         return F.linear(x, w, b)
 
 
@@ -294,6 +313,32 @@ class QuantSim(nn.Module):
             layer.exact_accumulation = exact
         return self
 
+    def set_pair_saturation(self, runtime: str | None) -> "QuantSim":
+        """Add the int16 pair saturation of a runtime's int8 kernels on x86 CPUs without VNNI (verification only).
+
+        Applies with exact accumulation; the pair order is the runtime's (qexport/quant/u8s8_saturation.py), the
+        raw codes use the plan target's activation encoding. Call it where ``pairs_saturate(runtime)`` is true.
+
+        Args:
+            runtime: ``"openvino"`` or ``"onnxruntime"`` (for its exact integer arithmetic, use
+                ``set_engine_arithmetic("onnxruntime")``, which includes the saturation); None turns it off.
+
+        Returns:
+            self.
+        """
+        from qexport.quant.targets import get_target
+        from qexport.quant.u8s8_saturation import PAD_CODE, PAIR_ORDER
+
+        target = get_target(self.plan.target)
+        for layer in self.layers().values():
+            aq = layer.input_quantizer
+            if runtime is None or aq is None:
+                layer.pair_saturation = None
+            else:
+                zero_point = target.act_encoding(aq.spec)[1]
+                layer.pair_saturation = (PAIR_ORDER[runtime], zero_point, PAD_CODE[runtime](zero_point))
+        return self
+
     def set_engine_arithmetic(self, engine: str | None = "onnxruntime") -> "QuantSim":
         """Compute the layers an engine fuses into integer kernels with that engine's arithmetic (verification only).
 
@@ -321,7 +366,8 @@ class QuantSim(nn.Module):
         if self._engine_arith is not None:
             return self._engine_arith.name
         exact = any(layer.exact_accumulation for layer in self.layers().values())
-        return "float64-accumulation" if exact else "float32"
+        saturating = any(layer.pair_saturation is not None for layer in self.layers().values())
+        return ("float64-accumulation" if exact else "float32") + ("+pair-saturation" if saturating else "")
 
     @contextlib.contextmanager
     def export_mode(self) -> Iterator[None]:

@@ -1,0 +1,100 @@
+"""The int16 pair saturation of int8 kernels on x86 CPUs without VNNI (qexport/quant/u8s8_saturation.py).
+
+On a CPU with VNNI or AMX nothing saturates and these tests check that the exact reference holds; on one without
+(CI has had both kinds) they check that the emulation reproduces the real kernels code for code. ONNX Runtime's
+QLinearConv is covered in test_engine_arith.py; here: the probes, OpenVINO's channel-pair order on a real
+compiled model, and what verify reports.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from onnx import TensorProto, helper, numpy_helper
+
+from qexport.quant.u8s8_saturation import pairs_saturate, saturation_correction, saturation_note
+
+
+class _ConvGeometry:
+    """The geometry saturation_correction reads from a QuantConv2d."""
+
+    def __init__(self, stride: int = 1):
+        self.groups, self.padding, self.stride, self.dilation = 1, (1, 1), (stride, stride), (1, 1)
+
+
+def test_probes_answer_for_each_runtime():
+    """Both probes run on this CPU and agree (both kernels pair with vpmaddubsw exactly when VNNI is missing)."""
+    pytest.importorskip("openvino")
+    assert pairs_saturate("onnxruntime") == pairs_saturate("openvino")
+    assert pairs_saturate("tensorrt") is False
+    note = saturation_note([8, 4], "openvino")
+    assert (note is not None) == pairs_saturate("openvino")
+    assert saturation_note([7, 4], "openvino") is None  # 7-bit weights never saturate
+
+
+def test_channel_order_equals_pairwise_sums():
+    """OpenVINO's order: neighbouring input channels at each kernel position, an odd channel count padded."""
+    rng = np.random.default_rng(7)
+    x = torch.from_numpy(rng.integers(0, 256, (2, 3, 5, 5)).astype(np.float64))
+    w = torch.from_numpy(rng.integers(-127, 128, (4, 3, 3, 3)).astype(np.float64))
+    corr = saturation_correction(x, w, _ConvGeometry(), pad_code=0, order="channel")
+    xp = F.pad(x, (1, 1, 1, 1))
+    for n, o, i, j in [(0, 0, 0, 0), (1, 3, 2, 4), (0, 2, 4, 1), (1, 1, 3, 3)]:
+        prods = torch.cat([xp[n, :, i:i + 3, j:j + 3] * w[o], torch.zeros(1, 3, 3, dtype=torch.float64)])
+        pairs = (prods[0::2] + prods[1::2]).reshape(-1).tolist()
+        want = sum(min(max(p, -32768.0), 32767.0) - p for p in pairs)
+        assert float(corr[n, o, i, j]) == want
+    position = saturation_correction(x, w, _ConvGeometry(), pad_code=0, order="position")
+    assert not torch.equal(corr, position)  # with 3 channels the two orders pair different products
+
+
+def _qdq_conv(tmp_path, x_zp: int, w: np.ndarray, sx: float, sw: float, sy: float):
+    """Q -> DQ -> Conv(DQ(int8 w)) -> Q -> DQ, which OpenVINO compiles into one int8 convolution."""
+    c = w.shape[1]
+
+    def const(name, value, dtype):
+        return numpy_helper.from_array(np.array(value, dtype), name)
+
+    init = [numpy_helper.from_array(w, "w"), const("sw", sw, np.float32), const("zw", 0, np.int8),
+            const("sx", sx, np.float32), const("zx", x_zp, np.uint8), const("sy", sy, np.float32),
+            const("zy", 128, np.uint8)]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["w", "sw", "zw"], ["wd"]),
+             helper.make_node("Conv", ["xd", "wd"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("QuantizeLinear", ["c", "sy", "zy"], ["cq"]),
+             helper.make_node("DequantizeLinear", ["cq", "sy", "zy"], ["y"])]
+    graph = helper.make_graph(nodes, "qdq_conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, c, 7, 7])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], init)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    path = tmp_path / "qdq_conv.onnx"
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+@pytest.mark.parametrize("cin,x_zp", [(3, 128), (16, 0), (16, 128), (5, 0)])
+def test_openvino_int8_conv_matches_the_emulation(tmp_path, cin, x_zp):
+    """A real OpenVINO int8 conv, code for code: exact accumulators plus, where this CPU saturates, the channel-pair
+    correction on the raw codes (level plus zero point; a padded position multiplies 0)."""
+    ov = pytest.importorskip("openvino")
+    rng = np.random.default_rng(cin + x_zp)
+    w = rng.integers(-127, 128, (8, cin, 3, 3)).astype(np.int8)
+    w = np.where(rng.random(w.shape) < 0.5, np.where(w < 0, -127, 127), w).astype(np.int8)  # many saturating pairs
+    codes = np.where(rng.random((2, cin, 7, 7)) < 0.4, 255, rng.integers(0, 256, (2, cin, 7, 7)))
+    sx, sw, sy = 2.0**-4, 2.0**-7, 1.0  # powers of two: the float requantization is exact, only the sums differ
+    x = ((codes - x_zp) * sx).astype(np.float32)
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(_qdq_conv(tmp_path, x_zp, w, sx, sw, sy)), "CPU",
+                                  {"INFERENCE_NUM_THREADS": 1, "INFERENCE_PRECISION_HINT": "f32"})
+    got = np.round(compiled({"x": x})[0] / sy)
+    ct, wt = torch.from_numpy(codes.astype(np.float64)), torch.from_numpy(w.astype(np.float64))
+    acc = F.conv2d(ct - x_zp, wt, padding=1)
+    corr = saturation_correction(ct, wt, _ConvGeometry(), pad_code=0, order="channel")
+    assert corr is not None and float(corr.abs().max()) > 0  # these weights do saturate pairs
+    if pairs_saturate("openvino"):
+        acc = acc + corr
+    want = torch.clamp(torch.round(acc * np.float32(sx * sw) / np.float32(sy)), -128, 127).numpy()
+    np.testing.assert_array_equal(got, want)
