@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from conftest import TINY, assert_user_error, run_qexport, subprocess_env, tree, write_png_folder
+from qexport.quant.u8s8_saturation import u8s8_pairs_saturate
 
 # ---------------------------------------------------------------- happy paths
 
@@ -124,9 +125,15 @@ def test_force_overwrites(tmp_path, tiny_recipe, qx):
 def test_verify_on_resnet20_engine(tmp_path, r20_engine, r20_w8a8, cifar_test, qx):
     common = ["verify", r20_engine, "--recipe", r20_w8a8, "--data", cifar_test, "--num-samples", 200,
               "--bench-batch", 0, "-q"]
-    res = qx(*common, "--max-drop", 1.0, "--min-agreement", 99.0, "--report", tmp_path / "ok")
+    # Without VNNI the engine's u8s8 kernels saturate int16 pair sums of 8-bit weights: it really loses accuracy
+    # (ResNet-20 W8A8: 1.6 points on all test-dev), computes what the emulating QuantSim computes, and says so.
+    saturates = u8s8_pairs_saturate()
+    res = qx(*common, "--max-drop", 4.0 if saturates else 1.0, "--min-agreement", 99.0, "--report", tmp_path / "ok")
     assert res.code == 0, res.err
     assert "FP32 (PyTorch)" in res.out and "QuantSim" in res.out
+    report = json.loads((tmp_path / "ok" / "report.json").read_text())
+    assert (report["cpu_note"] is not None) == saturates
+    assert ("no VNNI" in (tmp_path / "ok" / "report.md").read_text()) == saturates
     assert qx(*common, "--min-agreement", 100.01, "--report", tmp_path / "fail").code == 1
 
 

@@ -12,6 +12,7 @@ import torch
 from qexport.errors import QexportError
 from qexport.fileio import atomic_dir, check_output_free
 from qexport.progress import progress_bar
+from qexport.quant.u8s8_saturation import pairs_saturate, saturation_note
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,8 @@ def verify(cfg: VerifyConfig) -> tuple[dict, Path]:
     fp32_engine = load_engine(cfg.engine, "fp32", cfg.threads) if meta["models"].get("fp32") else None
     folded = recipe.build_float_model()
     sim = recipe.build_quantsim(folded).set_exact_accumulation(True)
+    if meta["target"] == "openvino" and pairs_saturate("openvino"):  # this CPU's int8 kernels saturate
+        sim.set_pair_saturation("openvino")
     # The reference is QuantSim computing what the engine's integer kernels compute, where it can; the float
     # QuantSim (exact accumulation) is kept alongside for comparison.
     float_sim = None
@@ -122,6 +125,7 @@ def verify(cfg: VerifyConfig) -> tuple[dict, Path]:
                    "versions": meta.get("versions", {})},
         "data": {"path": str(cfg.data), "count": int(len(idx)), "labelled": ds.labelled, "seed": cfg.seed},
         "quantsim_arithmetic": sim.arithmetic,
+        "cpu_note": saturation_note([lp.weight.bits for lp in recipe.plan.layers], meta["target"]),
         "widths": layer_widths(recipe.plan),
         "accuracy": accuracy,
         "latency": benchmark_engines(engine, fp32_engine, cfg.bench_batch_sizes, cfg.bench_iters),

@@ -22,6 +22,10 @@ _ARITHMETIC = {
                             "ONNX Runtime's QLinearConv/QGemm/QLinearAdd kernels do)"),
     "float64-accumulation": ("fake-quant PyTorch",
                              "float64-accumulation (fake quantization, layers accumulated in float64)"),
+    "float64-accumulation+pair-saturation": (
+        "fake-quant PyTorch, int16 pair saturation",
+        "float64-accumulation+pair-saturation (fake quantization, layers accumulated in float64 with the int16 "
+        "pair saturation of this CPU's int8 kernels)"),
 }
 
 
@@ -52,9 +56,11 @@ def render_markdown(report: dict) -> str:
     if a.get("engine_vs_quantsim_float_agreement") is not None:
         lines.append(f"| QuantSim, float arithmetic | {_pct(a.get('quantsim_float_top1'))} | "
                      f"INT8 engine: {_pct(a['engine_vs_quantsim_float_agreement'])} |")
-    lines += ["", f"QuantSim arithmetic (the reference): {_arithmetic(report)[1]}.", "",
-              (f"Logit difference engine vs QuantSim: mean {a['logit_abs_diff_mean']:.4g}, "
-               f"max {a['logit_abs_diff_max']:.4g}.")]
+    lines += ["", f"QuantSim arithmetic (the reference): {_arithmetic(report)[1]}.", ""]
+    if report.get("cpu_note"):
+        lines += [f"Note: {report['cpu_note']}.", ""]
+    lines.append(f"Logit difference engine vs QuantSim: mean {a['logit_abs_diff_mean']:.4g}, "
+                 f"max {a['logit_abs_diff_max']:.4g}.")
     if a.get("logit_abs_diff_mean_vs_quantsim_float") is not None:
         lines.append("Logit difference engine vs float QuantSim: "
                      f"mean {a['logit_abs_diff_mean_vs_quantsim_float']:.4g}, "
@@ -158,6 +164,8 @@ def print_report(report: dict) -> None:
             msg += (f" (float QuantSim: top-1 {_pct(a.get('quantsim_float_top1'))}, engine agreement "
                     f"{_pct(a['engine_vs_quantsim_float_agreement'])})")
         console.print(msg)
+    if report.get("cpu_note"):
+        console.print(f"note: {report['cpu_note']}")
     if report.get("model_size"):
         from qexport.verify.size import size_line
 
