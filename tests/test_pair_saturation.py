@@ -98,3 +98,29 @@ def test_openvino_int8_conv_matches_the_emulation(tmp_path, cin, x_zp):
         acc = acc + corr
     want = torch.clamp(torch.round(acc * np.float32(sx * sw) / np.float32(sy)), -128, 127).numpy()
     np.testing.assert_array_equal(got, want)
+
+
+def test_float_reference_saturates_like_the_integer_one(tiny_recipe, tiny_images):
+    """On any CPU: the float QuantSim with ONNX Runtime's pair saturation lands where the integer emulation with
+    the saturation does, and both move away from the exact results (the saturation forced on)."""
+    from qexport.data import ImageFolder
+    from qexport.models import Preprocess
+    from qexport.quant.engine_arith import emulated_here
+    from qexport.recipe import QuantRecipe
+
+    if not emulated_here():
+        pytest.skip("ONNX Runtime's x86-64 integer arithmetic is the one emulated")
+    rec = QuantRecipe.load(tiny_recipe)
+    ds = ImageFolder(tiny_images, Preprocess.from_dict(rec.model.preprocess))
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    with torch.no_grad():
+        exact = rec.build_quantsim().set_exact_accumulation(True)(x)
+        saturating_sim = rec.build_quantsim().set_exact_accumulation(True).set_pair_saturation("onnxruntime")
+        assert saturating_sim.arithmetic == "float64-accumulation+pair-saturation"
+        floated = saturating_sim(x)
+        integer = rec.build_quantsim().set_engine_arithmetic("onnxruntime", pair_saturation=True)(x)
+        integer_exact = rec.build_quantsim().set_engine_arithmetic("onnxruntime", pair_saturation=False)(x)
+    moved = float((integer - integer_exact).abs().mean())
+    assert moved > 0.01, "the tiny recipe's 8-bit weights saturate some pairs"
+    assert float((floated - exact).abs().mean()) > 0.5 * moved
+    assert float((floated - integer).abs().mean()) < 0.2 * moved

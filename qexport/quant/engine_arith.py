@@ -211,7 +211,7 @@ class OrtIntegerArithmetic:
 
     name = ARITHMETIC_NAME
 
-    def __init__(self, sim):
+    def __init__(self, sim, pair_saturation: bool | None = None):
         if sim.plan.target != "onnxruntime":
             raise QexportError(f"onnxruntime integer arithmetic needs an onnxruntime plan, not {sim.plan.target!r}")
         gm = sim.gm
@@ -220,7 +220,8 @@ class OrtIntegerArithmetic:
         self.adds: dict[fx.Node, tuple] = {}  # node -> (quantizer of A, of B, of the output)
         self.pools: set[fx.Node] = set()
         self.qpools: dict[fx.Node, tuple] = {}  # node -> (input quantizer, output quantizer)
-        self.pair_saturation = u8s8_pairs_saturate()  # this CPU's u8s8 kernels saturate int16 pair sums
+        # this CPU's u8s8 kernels saturate int16 pair sums (None: ask them)
+        self.pair_saturation = u8s8_pairs_saturate() if pair_saturation is None else pair_saturation
         for n in gm.graph.nodes:
             mod = graph_ops.target_module(gm, n)
             if isinstance(mod, (QuantConv2d, QuantLinear)):
@@ -386,12 +387,13 @@ def emulated_here() -> bool:
     return platform.machine().lower() in _X86
 
 
-def engine_arithmetic(sim, kind: str) -> OrtIntegerArithmetic:
+def engine_arithmetic(sim, kind: str, pair_saturation: bool | None = None) -> OrtIntegerArithmetic:
     """Build the engine-arithmetic emulation ``kind`` for a QuantSim.
 
     Args:
         sim: the QuantSim.
         kind: ``"onnxruntime"`` (the only engine emulated).
+        pair_saturation: emulate the int16 pair saturation of CPUs without VNNI; None asks this CPU's kernels.
 
     Returns:
         The emulation, to be stored on the QuantSim.
@@ -400,4 +402,4 @@ def engine_arithmetic(sim, kind: str) -> OrtIntegerArithmetic:
         raise QexportError(f"no integer arithmetic emulation for {kind!r}; only 'onnxruntime'")
     if not emulated_here():
         raise QexportError(f"onnxruntime integer arithmetic is emulated for x86-64 only, not {platform.machine()}")
-    return OrtIntegerArithmetic(sim)
+    return OrtIntegerArithmetic(sim, pair_saturation)

@@ -173,7 +173,8 @@ class _QuantLayerMixin:
         corr = saturation_correction(codes, self.int_weight().double(), conv, pad_code=pad_code, order=order)
         if corr is None:
             return 0.0
-        return corr * s_in * channel_view(self.weight_quantizer.scale.detach().double(), corr.dim())
+        s_w = self.weight_quantizer.scale.detach().double().view(1, -1, *([1] * (corr.dim() - 2)))  # output channels
+        return corr * s_in * s_w
 
 
 def _f64(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -339,7 +340,8 @@ class QuantSim(nn.Module):
                 layer.pair_saturation = (PAIR_ORDER[runtime], zero_point, PAD_CODE[runtime](zero_point))
         return self
 
-    def set_engine_arithmetic(self, engine: str | None = "onnxruntime") -> "QuantSim":
+    def set_engine_arithmetic(self, engine: str | None = "onnxruntime", pair_saturation: bool | None = None
+                              ) -> "QuantSim":
         """Compute the layers an engine fuses into integer kernels with that engine's arithmetic (verification only).
 
         ``"onnxruntime"`` (onnxruntime plans): exact integer accumulators requantized as ONNX Runtime's kernels
@@ -348,6 +350,8 @@ class QuantSim(nn.Module):
 
         Args:
             engine: ``"onnxruntime"``, or None to turn it off.
+            pair_saturation: include the int16 pair saturation of x86 CPUs without VNNI; None (default) asks this
+                CPU's kernels (``u8s8_saturation.pairs_saturate``).
 
         Returns:
             self.
@@ -357,7 +361,7 @@ class QuantSim(nn.Module):
         else:
             from qexport.quant.engine_arith import engine_arithmetic
 
-            self._engine_arith = engine_arithmetic(self, engine)
+            self._engine_arith = engine_arithmetic(self, engine, pair_saturation)
         return self
 
     @property
