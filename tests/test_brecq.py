@@ -7,7 +7,7 @@ import torch
 
 from qexport.calibrators.base import CalibrationContext
 from qexport.calibrators.blocks import find_blocks
-from qexport.calibrators.brecq import BrecqConfig, calibrate_brecq
+from qexport.calibrators.brecq import CHECKPOINT, BrecqConfig, calibrate_brecq
 from qexport.errors import QexportError
 from qexport.models import fold_batchnorm, load_model
 from qexport.quant.plan import build_plan
@@ -84,6 +84,42 @@ def test_resume_after_interrupt_is_bit_identical(tmp_path, monkeypatch):
     resumed = _ctx(work_dir=work, resume=True)
     metrics = calibrate_brecq(resumed, FAST)
     assert len(metrics["block_metrics"]) == 3
+    for a, b in zip(ref.sim.state_dict().values(), resumed.sim.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_ctrl_c_inside_a_phase_finishes_the_step_then_resumes_bit_identically(tmp_path, monkeypatch):
+    """The phases run on the shared training loop: a SIGINT in the middle of the second block's rounding lets the
+    step under way finish, raises KeyboardInterrupt, keeps the first block's checkpoint; --resume then equals an
+    uninterrupted run."""
+    import os
+    import signal
+
+    from qexport.calibrators import brecq_core
+
+    ref = _ctx()
+    calibrate_brecq(ref, FAST)
+    work = tmp_path / "work"
+    work.mkdir()
+    real_step, steps, done = brecq_core._Phase.step, [], []
+    stop_at = FAST.iters + FAST.act_iters + 10  # block 2, rounding step 10
+
+    def step(self, info=None):
+        steps.append(1)
+        if len(steps) == stop_at:
+            os.kill(os.getpid(), signal.SIGINT)
+        out = real_step(self, info)
+        done.append(1)
+        return out
+
+    monkeypatch.setattr(brecq_core._Phase, "step", step)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate_brecq(_ctx(work_dir=work), FAST)
+    assert len(steps) == len(done) == stop_at  # the step under way finished; none after it
+    assert torch.load(work / CHECKPOINT, weights_only=False)["next"] == 1
+    monkeypatch.setattr(brecq_core._Phase, "step", real_step)
+    resumed = _ctx(work_dir=work, resume=True)
+    calibrate_brecq(resumed, FAST)
     for a, b in zip(ref.sim.state_dict().values(), resumed.sim.state_dict().values()):
         assert torch.equal(a, b)
 

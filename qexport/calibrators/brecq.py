@@ -20,6 +20,8 @@ Budget: ``iters`` rounding and ``act_iters`` step-size iterations per block; ``t
 run, split over the blocks that remain by their cost (multiply-accumulates), and each block's iteration count is
 cut to what its share allows (measured on the first iterations). Resumable per block: a checkpoint in
 ``ctx.work_dir`` after each block; ``--resume`` continues at the next block (the interrupted block restarts).
+Each phase's iterations run on the shared training loop (qexport/training/loop.py): its progress bar, and on
+Ctrl-C the step under way finishes before the run stops.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from qexport.calibrators.base import CalibrationContext, calibrate_activations, 
 from qexport.calibrators.blocks import Block, block_module, find_blocks, layer_macs
 from qexport.calibrators.brecq_core import AdaRoundWeight, RoundingPhase, StepSizePhase, recon_loss
 from qexport.errors import QexportError
-from qexport.progress import progress_bar
+from qexport.training.loop import LoopConfig, TrainLoop
 
 CHECKPOINT = "brecq.pt"
 
@@ -136,17 +138,19 @@ def _iters_for(phase, want: int, seconds: float | None) -> int:
 
 
 def _run_phase(phase, n: int, desc: str, quiet: bool) -> dict:
+    """Run ``n`` iterations of a phase on the shared training loop (one epoch: its bar, its Ctrl-C handling).
+
+    The phase keeps its own lr schedule and batch generator, so the iterations are the ones a bare loop would
+    run. No loop checkpoint: brecq checkpoints per block, and an interrupted block restarts on ``--resume``.
+
+    Returns:
+        The phase's metric means over the iterations (empty when ``n`` is 0).
+    """
     phase.total = n
-    last: dict = {}
-    with progress_bar(n, desc, quiet) as bar:
-        for i in range(n):
-            last = phase.step()
-            if i % 20 == 0 or i == n - 1:
-                info = f"loss {last['rec']:.4g}" + (f" reg {last['reg']:.3g}" if "reg" in last else "")
-                bar.advance(1, info=info)
-            else:
-                bar.advance(1)
-    return last
+    if n == 0:
+        return {}
+    loop = TrainLoop(phase, LoopConfig(name=desc, iters_per_epoch=n, epochs=1, show=("rec", "reg")), quiet=quiet)
+    return loop.run()[-1]
 
 
 def _block_quantizers(sim, block: Block) -> list:

@@ -123,8 +123,12 @@ class _Phase:
     def after_step(self) -> None:
         pass
 
-    def step(self) -> dict:
-        """One Adam step on a random batch; returns the metrics (``rec``, and the regulariser when on)."""
+    def step(self, info=None) -> dict:
+        """One Adam step on a random batch; returns the metrics (``rec``, and the regulariser when on).
+
+        Args:
+            info: the training loop's StepInfo (unused: the phase keeps its own schedule).
+        """
         x, t, fis = self._batch()
         rec = recon_loss(self.block(x), t, fis)
         extra, metrics = self.extra_loss()

@@ -1,4 +1,4 @@
-"""The training loop every method that trains runs on (AdaSG now; synthesis, block reconstruction, QAT next).
+"""The training loop every method that trains runs on (AdaSG, block reconstruction's phases; synthesis and QAT next).
 
 A method writes a *task*: an object holding its networks and optimizers, with
 
@@ -41,7 +41,7 @@ The loop does the rest:
 - **Ctrl-C** (or SIGTERM): the current iteration finishes, a checkpoint is written and KeyboardInterrupt is
   raised, so the pipeline writes no recipe;
 - **progress**: one bar (rank 0 only, silent with ``quiet``) showing the epoch and the step's metrics
-  (``LoopConfig.show`` picks them), and a line per epoch;
+  (``LoopConfig.show`` picks them), and a line per epoch (not for a one-epoch run: its bar shows the metrics);
 - **callbacks** (:class:`Callbacks`): ``on_start``, ``on_warmup_end``, ``on_step_end``, ``on_epoch_end``,
   ``on_end``, each given the task (benchmarks measure the student there; they never change the run);
 - **several processes** (``dist``, from ``qexport.training.distributed``): ranks agree on stopping (Ctrl-C,
@@ -354,7 +354,7 @@ class TrainLoop:
         self.history.append(row)
         if self.callbacks.on_epoch_end is not None:
             self.callbacks.on_epoch_end(self.task, row)
-        if not silent:
+        if not silent and self.cfg.epochs != 1:  # a one-epoch run (a phase): its bar already shows the metrics
             shown = [k for k in keys if not self.cfg.show or k in self.cfg.show]
             sys.stderr.write(f"epoch {row['epoch']}{' (warm-up)' if warm else ''}: "
                              + " ".join(f"{k} {row[k]:.4f}" for k in shown)
@@ -369,8 +369,8 @@ class TrainLoop:
     def _info(self, metrics: dict, warm: bool) -> str:
         tot = f"/{self.epochs}" if self.epochs is not None else ""
         shown = [k for k in metrics if not self.cfg.show or k in self.cfg.show]
-        return (f"ep {self.epoch + 1}{tot}{' warm-up' if warm else ''} "
-                + " ".join(f"{k} {metrics[k]:.4g}" for k in shown))
+        where = "" if self.cfg.epochs == 1 else f"ep {self.epoch + 1}{tot}{' warm-up' if warm else ''} "
+        return where + " ".join(f"{k} {metrics[k]:.4g}" for k in shown)
 
     def _trace(self) -> None:
         """``QEXPORT_TRACE_STEPS=DIR``: append this rank's per-step digests of the trained models to DIR."""
