@@ -18,7 +18,7 @@ from bench_utils import cpu_seconds
 from qexport.calibrators.base import CalibrationContext
 from qexport.calibrators.brecq import BrecqConfig, calibrate_brecq
 from qexport.data.synthesize import SynthConfig, synthesize_batch
-from qexport.data.synthesize_run import load_zoo
+from qexport.training.synthesis_run import load_zoo
 from qexport.models import fold_batchnorm, load_model
 from qexport.quant.plan import build_plan
 from qexport.quant.quantsim import QuantSim

@@ -29,7 +29,7 @@ def synthesize(
 ) -> None:
     """Synthesize calibration images by inverting MODEL (and a zoo); never reads a real image."""
     from qexport.data.synthesize import SynthConfig
-    from qexport.data.synthesize_run import synthesize_folder
+    from qexport.training.synthesis_run import synthesize_folder
 
     cfg = SynthConfig(mode=mode, num_images=num_images, iters=iters, batch_size=batch_size, time_budget=time_budget)
     out = synthesize_folder(model, str(weights) if weights else None, tuple(zoo), cfg, output, seed=seed,

@@ -31,12 +31,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 )
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
 # Known upward imports, each with the reason it is tolerated for now (the list should only shrink).
-KNOWN = {
-    ("qexport.data.synthesize", "qexport.calibrators.adasg_config"): "parse_duration belongs below both",
-    ("qexport.data.synthesize_run", "qexport.calibrators.adasg_config"): "parse_duration belongs below both",
-    ("qexport.data.synthesize_run", "qexport.calibrate"): "synthesize_folder (the `qexport synthesize` verb) "
-                                                          "reuses resolve_device / work_dir_for",
-}
+KNOWN: dict[tuple[str, str], str] = {}
 
 
 def _top(module: str) -> str:

@@ -9,7 +9,7 @@ import torch
 
 from conftest import assert_user_error, write_png_folder
 from qexport.data.synthesize import SynthConfig
-from qexport.data.synthesize_run import synthesize_folder
+from qexport.training.synthesis_run import synthesize_folder
 from qexport.errors import QexportError
 
 TINY = "tests_support.models:tiny_net"
@@ -46,7 +46,7 @@ def test_synthesis_lowers_bn_loss_reads_nothing_and_writes_a_folder(tmp_path, no
 
 
 def test_synthesis_is_deterministic_and_resumes(tmp_path):
-    from qexport.data.synthesize_run import load_zoo, run_synthesis
+    from qexport.training.synthesis_run import load_zoo, run_synthesis
     from qexport.models import load_model
 
     cfg = SynthConfig(mode="mixmix", num_images=8, iters=6, batch_size=4)
@@ -61,6 +61,41 @@ def test_synthesis_is_deterministic_and_resumes(tmp_path):
     torch.save(state, work / "synthesis.pt")
     b2, lb, _ = run_synthesis(zoo, 4, cfg, 1, work, True, True)
     assert torch.equal(a, b1) and torch.equal(a, b2) and torch.equal(la, lb)
+
+
+def test_ctrl_c_mid_batch_finishes_the_step_then_resumes_identically(tmp_path, monkeypatch):
+    """Batches run on the shared training loop: a SIGINT in batch 2 lets the step under way finish, raises
+    KeyboardInterrupt with batch 1 in the checkpoint; --resume gives the images of an uninterrupted run."""
+    import os
+    import signal
+
+    from qexport.data import synthesize
+    from qexport.models import load_model
+    from qexport.training.synthesis_run import load_zoo, run_synthesis
+
+    cfg = SynthConfig(mode="mixmix", num_images=8, iters=6, batch_size=4)
+    zoo = load_zoo(load_model(TINY, None), TINY, [], "cpu")
+    ref, _, _ = run_synthesis(zoo, 4, cfg, 1, None, False, True)
+    real_step, steps, done = synthesize.SynthesisBatch.step, [], []
+
+    def step(self, info=None):
+        steps.append(1)
+        if len(steps) == cfg.iters + 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        out = real_step(self, info)
+        done.append(1)
+        return out
+
+    work = tmp_path / "w"
+    work.mkdir()
+    monkeypatch.setattr(synthesize.SynthesisBatch, "step", step)
+    with pytest.raises(KeyboardInterrupt):
+        run_synthesis(zoo, 4, cfg, 1, work, False, True)
+    assert len(steps) == len(done) == cfg.iters + 3
+    assert len(torch.load(work / "synthesis.pt", weights_only=False)["batches"]) == 1
+    monkeypatch.setattr(synthesize.SynthesisBatch, "step", real_step)
+    resumed, _, _ = run_synthesis(zoo, 4, cfg, 1, work, True, True)
+    assert torch.equal(ref, resumed)
 
 
 def test_the_images_feed_brecq(tmp_path, qx):

@@ -80,7 +80,7 @@ def calibrate_mixmix(ctx: CalibrationContext, cfg: MixMixConfig) -> dict:
     Returns:
         Metrics: brecq's, plus the synthesis record (zoo, per-batch BN loss, seconds).
     """
-    from qexport.data.synthesize_run import expand_zoo, load_zoo, run_synthesis, write_folder
+    from qexport.training.synthesis_run import expand_zoo, load_zoo, run_synthesis, write_folder
 
     started = time.time()
     budget = parse_duration(cfg.time_budget)

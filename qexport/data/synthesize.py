@@ -176,9 +176,8 @@ def cosine_lr(base: float, it: int, total: int) -> float:
     return 0.5 * base * (1 + math.cos(math.pi * it / max(total, 1)))
 
 
-def synthesize_batch(zoo: list[ZooMember], labels: torch.Tensor, size: tuple[int, int], cfg: SynthConfig,
-                     gen: torch.Generator, iters: int, num_classes: int, on_step=None) -> tuple[torch.Tensor, dict]:
-    """Optimise one batch of images (pixels in [0, 1]).
+class SynthesisBatch:
+    """One batch of images being optimised: a training-loop task (``step`` per iteration, ``result`` at the end).
 
     Args:
         zoo: the models (the first is the target).
@@ -186,62 +185,87 @@ def synthesize_batch(zoo: list[ZooMember], labels: torch.Tensor, size: tuple[int
         size: output size (H, W).
         cfg: options.
         gen: seeded generator (initial pixels, augmentation, mixing).
-        iters: steps for this batch.
+        iters: steps for this batch (the cosine lr and the half -> full resolution switch follow it).
         num_classes: classes of every zoo model.
+    """
+
+    def __init__(self, zoo: list[ZooMember], labels: torch.Tensor, size: tuple[int, int], cfg: SynthConfig,
+                 gen: torch.Generator, iters: int, num_classes: int):
+        self.zoo, self.cfg, self.gen, self.iters, self.size = zoo, cfg, gen, iters, size
+        c = zoo[0].mean.shape[1]
+        self.large = min(size) >= cfg.half_res_min
+        self.switch = iters // 2 if self.large else 0
+        start = (max(1, size[0] // 2), max(1, size[1] // 2)) if self.large else size
+        self.pix = (torch.rand(labels.shape[0], c, *start, generator=gen).mul_(0.2).add_(0.4)
+                    .to(labels.device).requires_grad_(True))
+        self.alpha = torch.ones(2 * len(zoo), device=labels.device, requires_grad=True)
+        self.opt = torch.optim.Adam([self.pix], lr=cfg.lr, betas=(0.5, 0.5))
+        self.opt_a = torch.optim.Adam([self.alpha], lr=1e-3)
+        self.norm: torch.Tensor | None = None
+        self.onehot = F.one_hot(labels, num_classes).float()
+        self.it, self.first_bn, self.last_bn, self.total = 0, float("nan"), float("nan"), float("nan")
+
+    def _losses(self) -> torch.Tensor:
+        """The BN-statistics and cross-entropy losses of every zoo model on this step's augmented batch."""
+        x, target = augment(self.pix, self.gen, self.cfg.jitter), self.onehot
+        if self.cfg.mode == "mixmix" and float(torch.rand((), generator=self.gen)) < self.cfg.mix_prob:
+            x, perm, area = paste_mix(x, self.gen)
+            target = (1 - area) * self.onehot + area * self.onehot[perm]
+        losses = []
+        for m in self.zoo:
+            logits = m.logits(x)
+            losses += [m.stats.loss(), -(target * F.log_softmax(logits, dim=1)).sum(1).mean()]
+        return torch.stack(losses)
+
+    def step(self, info=None) -> dict:
+        """One Adam step on the pixels (and, for mixmix, the loss weights); returns ``loss`` and ``bn``."""
+        cfg, it = self.cfg, self.it
+        if self.large and it == self.switch:  # half -> full resolution: upsample and restart the optimiser
+            self.pix = F.interpolate(self.pix.detach(), size=self.size, mode="bilinear",
+                                     align_corners=False).requires_grad_(True)
+            self.opt = torch.optim.Adam([self.pix], lr=cfg.lr, betas=(0.5, 0.5))
+        phase_it, phase_len = (it - self.switch, self.iters - self.switch) if it >= self.switch else (it, self.switch)
+        for g in self.opt.param_groups:
+            g["lr"] = cosine_lr(cfg.lr, phase_it, phase_len)
+        raw = self._losses()
+        if self.norm is None:
+            self.norm = raw.detach().clamp(min=1e-8)
+            self.first_bn = float(sum(raw[0::2].detach()))
+        self.last_bn = float(sum(raw[0::2].detach()))
+        scaled = raw / self.norm
+        total = (scaled / self.alpha.pow(2) + self.alpha.pow(2)).sum() if cfg.mode == "mixmix" else scaled.sum()
+        self.opt.zero_grad(set_to_none=True)
+        self.opt_a.zero_grad(set_to_none=True)
+        total.backward()
+        self.opt.step()
+        if cfg.mode == "mixmix":
+            self.opt_a.step()
+        with torch.no_grad():
+            self.pix.clamp_(0.0, 1.0)
+        self.it += 1
+        self.total = float(total.detach())
+        return {"loss": self.total, "bn": self.last_bn}
+
+    def result(self) -> tuple[torch.Tensor, dict]:
+        """(pixels (B, C, H, W) in [0, 1], metrics: BN loss at the first and last step, final total loss)."""
+        return self.pix.detach(), {"bn_first": self.first_bn, "bn_last": self.last_bn, "loss_last": self.total,
+                                   "iters": self.it}
+
+
+def synthesize_batch(zoo: list[ZooMember], labels: torch.Tensor, size: tuple[int, int], cfg: SynthConfig,
+                     gen: torch.Generator, iters: int, num_classes: int, on_step=None) -> tuple[torch.Tensor, dict]:
+    """Optimise one batch of images (pixels in [0, 1]) with a bare loop (timing probes, benchmarks).
+
+    Args:
+        zoo, labels, size, cfg, gen, iters, num_classes: as :class:`SynthesisBatch`.
         on_step: called as ``on_step(it, metrics)``.
 
     Returns:
-        (pixels (B, C, H, W) in [0, 1], metrics: BN loss at the first and last step, final total loss).
+        :meth:`SynthesisBatch.result`.
     """
-    device = labels.device
-    c = zoo[0].mean.shape[1]
-    large = min(size) >= cfg.half_res_min
-    half = (max(1, size[0] // 2), max(1, size[1] // 2))
-    switch = iters // 2 if large else 0
-    start = half if large else size
-    pix = torch.rand(labels.shape[0], c, *start, generator=gen).mul_(0.2).add_(0.4).to(device).requires_grad_(True)
-    n_loss = 2 * len(zoo)
-    alpha = torch.ones(n_loss, device=device, requires_grad=True)
-    opt = torch.optim.Adam([pix], lr=cfg.lr, betas=(0.5, 0.5))
-    opt_a = torch.optim.Adam([alpha], lr=1e-3)
-    norm = None
-    onehot = F.one_hot(labels, num_classes).float()
-    first_bn = last_bn = float("nan")
+    task = SynthesisBatch(zoo, labels, size, cfg, gen, iters, num_classes)
     for it in range(iters):
-        if large and it == switch:  # half -> full resolution: upsample and restart the optimiser
-            pix = F.interpolate(pix.detach(), size=size, mode="bilinear", align_corners=False).requires_grad_(True)
-            opt = torch.optim.Adam([pix], lr=cfg.lr, betas=(0.5, 0.5))
-        phase_it, phase_len = (it - switch, iters - switch) if it >= switch else (it, switch)
-        for g in opt.param_groups:
-            g["lr"] = cosine_lr(cfg.lr, phase_it, phase_len)
-        x = augment(pix, gen, cfg.jitter)
-        target = onehot
-        if cfg.mode == "mixmix" and float(torch.rand((), generator=gen)) < cfg.mix_prob:
-            x, perm, area = paste_mix(x, gen)
-            target = (1 - area) * onehot + area * onehot[perm]
-        losses = []
-        for m in zoo:
-            logits = m.logits(x)
-            losses += [m.stats.loss(), -(target * F.log_softmax(logits, dim=1)).sum(1).mean()]
-        raw = torch.stack(losses)
-        if norm is None:
-            norm = raw.detach().clamp(min=1e-8)
-            first_bn = float(sum(raw[0::2].detach()))
-        last_bn = float(sum(raw[0::2].detach()))
-        scaled = raw / norm
-        if cfg.mode == "mixmix":
-            total = (scaled / alpha.pow(2) + alpha.pow(2)).sum()
-        else:
-            total = scaled.sum()
-        opt.zero_grad(set_to_none=True)
-        opt_a.zero_grad(set_to_none=True)
-        total.backward()
-        opt.step()
-        if cfg.mode == "mixmix":
-            opt_a.step()
-        with torch.no_grad():
-            pix.clamp_(0.0, 1.0)
+        metrics = task.step()
         if on_step is not None:
-            on_step(it, {"loss": float(total.detach()), "bn": last_bn})
-    return pix.detach(), {"bn_first": first_bn, "bn_last": last_bn, "loss_last": float(total.detach()),
-                          "iters": iters}
+            on_step(it, metrics)
+    return task.result()

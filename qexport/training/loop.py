@@ -1,4 +1,4 @@
-"""The training loop every method that trains runs on (AdaSG, block reconstruction's phases; synthesis and QAT next).
+"""The training loop every method that trains runs on (AdaSG; block reconstruction and synthesis, per phase or batch).
 
 A method writes a *task*: an object holding its networks and optimizers, with
 

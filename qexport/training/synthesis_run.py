@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from qexport.data.synthesize import SynthConfig, ZooMember, make_member, synthesize_batch
+from qexport.data.synthesize import SynthConfig, SynthesisBatch, ZooMember, make_member, synthesize_batch
 from qexport.errors import QexportError
-from qexport.progress import progress_bar
+from qexport.training.loop import LoopConfig, TrainLoop
 
 CHECKPOINT = "synthesis.pt"
 
@@ -102,6 +102,9 @@ def run_synthesis(zoo: list[ZooMember], num_classes: int, cfg: SynthConfig, seed
                   resume: bool, quiet: bool) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Synthesize ``cfg.num_images`` images batch by batch (resumable at batch boundaries).
 
+    Each batch's iterations run on the shared training loop (its progress bar; on Ctrl-C the step under way
+    finishes, then KeyboardInterrupt: the checkpoint holds the finished batches).
+
     Args:
         zoo: the models (target first; ``bns`` uses the target only).
         num_classes: classes.
@@ -136,11 +139,10 @@ def run_synthesis(zoo: list[ZooMember], num_classes: int, cfg: SynthConfig, seed
             left = budget - state["elapsed"] - (time.time() - started)
             iters = _iters_in(members, lab, size, cfg, left / (len(starts) - bi), num_classes)
         t0 = time.time()
-        with progress_bar(iters, f"synthesis batch {bi + 1}/{len(starts)} ({cfg.mode})", quiet) as bar:
-            def on_step(it, m):
-                bar.advance(1, **({"info": f"loss {m['loss']:.3f} bn {m['bn']:.3g}"} if it % 10 == 0 else {}))
-
-            pix, info = synthesize_batch(members, lab, size, cfg, gen, iters, num_classes, on_step)
+        task = SynthesisBatch(members, lab, size, cfg, gen, iters, num_classes)
+        name = f"synthesis batch {bi + 1}/{len(starts)} ({cfg.mode})"
+        TrainLoop(task, LoopConfig(name=name, iters_per_epoch=iters, epochs=1), quiet=quiet).run()
+        pix, info = task.result()
         info["seconds"] = round(time.time() - t0, 2)
         state["images"].append((pix.cpu() * 255).round().to(torch.uint8))
         state["batches"].append(info)
