@@ -3,7 +3,7 @@
     python bench/alignq_speed.py [--bits w4a4] [--eval-samples 1000] [--iters 200] [--threads 2] [--out DIR]
         [--recipe ALIGNQ_RECIPE]
 
-Builds two ResNet-20 recipes with the same calibration (percentile activations, min-max weights, first and last
+Builds, for each target's plan, two ResNet-20 recipes with the same calibration (percentile activations, min-max weights, first and last
 layer 8-bit, no training): the plan's uniform quantizers, and the same plan with every Conv-BN-ReLU activation
 aligned (``Q(2 erf(x / sqrt 2))``, the points ``--method alignq`` trains); or takes a trained alignq recipe
 (``--recipe``) and builds its uniform twin. Exports the aligned one as Erf and as a code lookup, builds ONNX
@@ -31,8 +31,9 @@ WEIGHTS = SHARED / "models/cifar10/resnet20-12fca82f.th"
 TRAIN, TEST = SHARED / "data/cifar10/train", SHARED / "data/cifar10/test-dev"
 
 
-def _recipes(args) -> dict[str, Path]:
-    """uniform and aligned recipes with the same calibration."""
+def _recipes(args, target: str) -> dict[str, Path] | None:
+    """uniform and aligned recipes with the same calibration, on ``target``'s plan (None: the trained ``--recipe``
+    was calibrated for another target, which export refuses)."""
     from qexport.calibrators.base import calibrate_activations, set_weight_scales
     from qexport.data import load_tensor
     from qexport.models import fold_batchnorm, load_model
@@ -45,13 +46,15 @@ def _recipes(args) -> dict[str, Path]:
     loaded = load_model("cifar:resnet20", str(WEIGHTS))
     folded = fold_batchnorm(loaded.model)
     x, _ = load_tensor(TRAIN, loaded.preprocess, num_samples=256, seed=0)
-    base = build_plan(folded, "onnxruntime", BitsConfig.parse(args.bits, 8))
+    base = build_plan(folded, target, BitsConfig.parse(args.bits, 8))
     aligned, _ = align_plan(base, folded, bn_layers(loaded.model))
     ref = ModelRef("cifar:resnet20", loaded.input_shape, loaded.preprocess.to_dict(), loaded.num_classes,
                    str(WEIGHTS), loaded.weights_sha256)
     out = {}
     for name, plan in (("uniform", base), ("aligned", aligned)):
         if name == "aligned" and args.recipe:
+            if QuantRecipe.load(args.recipe).plan.target != target:
+                return None
             out[name] = Path(args.recipe)
             continue
         sim = QuantSim(folded, plan)
@@ -59,7 +62,7 @@ def _recipes(args) -> dict[str, Path]:
         calibrate_activations(sim, x, "percentile", quiet=True)
         sim.snap_weights()
         out[name] = QuantRecipe.from_quantsim(sim.eval(), folded, ref, {"method": f"bench-{name}"}).save(
-            args.out / f"recipe_{name}", force=True)
+            args.out / f"recipe_{name}_{target}", force=True)
     return out
 
 
@@ -82,15 +85,19 @@ def main() -> int:
     from qexport.recipe import QuantRecipe
     from qexport.runtimes import load_engine
     from qexport.latency import interleaved_compare
+    from qexport.quant.u8s8_saturation import pairs_saturate
 
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    recipes = _recipes(args)
     xt, _ = load_tensor(TEST, load_model("cifar:resnet20", str(WEIGHTS)).preprocess, num_samples=args.eval_samples,
                         seed=0)
     variants = [("uniform", "erf"), ("aligned", "erf"), ("aligned", "lookup")]
     results: dict = {}
     for target in ("onnxruntime", "openvino"):
+        recipes = _recipes(args, target)  # each runtime gets recipes calibrated for its target's plan
+        if recipes is None:
+            print(f"skipping {target}: --recipe was calibrated for another target", file=sys.stderr)
+            continue
         engines = {}
         for name, enc in variants:
             key = name if name == "uniform" else f"aligned-{enc}"
@@ -99,8 +106,10 @@ def main() -> int:
             eng = load_engine(build_engine_folder(q, path.with_suffix(".engine"), target, threads=args.threads,
                                                   force=True), "int8", args.threads)
             sim = QuantRecipe.load(recipes[name]).build_quantsim().set_exact_accumulation(True)
-            if target == "onnxruntime" and sim.plan.target == "onnxruntime":
+            if target == "onnxruntime":
                 sim.set_engine_arithmetic("onnxruntime")
+            elif pairs_saturate(target):  # a CPU without VNNI (8-bit first and last layers)
+                sim.set_pair_saturation(target)
             with torch.no_grad():
                 ref = torch.cat([sim(xt[i:i + 250]) for i in range(0, len(xt), 250)]).numpy()
             got = np.concatenate([eng.infer(xt[i:i + 250].numpy()) for i in range(0, len(xt), 250)])
