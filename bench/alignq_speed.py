@@ -5,11 +5,12 @@
 
 Builds, for each target's plan, two ResNet-20 recipes with the same calibration (percentile activations, min-max
 weights, first and last layer 8-bit, no training): the plan's uniform quantizers, and the same plan with every
-Conv-BN-ReLU activation aligned (``Q(2 erf(x / sqrt 2))``, the points ``--method alignq`` trains); or takes a trained alignq recipe
-(``--recipe``) and builds its uniform twin. Exports the aligned one as Erf and as a code lookup, builds ONNX
-Runtime and OpenVINO engines of all three, and reports engine vs QuantSim top-1 agreement on a test-dev subset
-(ONNX Runtime against QuantSim's integer emulation) and p50 latency at batch 1 and 64, all engines of a runtime
-timed interleaved in one process (ratios are the figures; absolute times are noisy on a shared machine).
+Conv-BN-ReLU activation aligned (``Q(2 erf(x / sqrt 2))``, the points ``--method alignq`` trains); or takes a
+trained alignq recipe (``--recipe``) and builds its uniform twin. Exports the aligned one as Erf and as a code
+lookup, builds ONNX Runtime and OpenVINO engines of all three, and reports engine vs QuantSim top-1 agreement on a
+test-dev subset (ONNX Runtime against QuantSim's integer emulation) and p50 latency at batch 1 and 64, all engines
+of a runtime timed interleaved in one process (ratios are the figures; absolute times are noisy on a shared
+machine).
 """
 
 from __future__ import annotations
