@@ -61,6 +61,24 @@ def run_qexport(args: list[str], cwd: Path | None = None, timeout: float = 600) 
     return CliResult(p.returncode, p.stdout, p.stderr)
 
 
+def run_in_fresh_process(test_file: Path, function: str, *args, timeout: float = 300
+                         ) -> subprocess.CompletedProcess:
+    """Call ``function(*args)`` of a test module in a new Python process (for tests that raise a real SIGINT:
+    one raised late inside the long default-suite process once ended it with SIGSEGV). Arguments are passed as
+    their ``repr``; the torch thread count is this process's, so the arithmetic is the same.
+
+    Returns:
+        The finished process (stdout, stderr, returncode).
+    """
+    import torch
+
+    call = f"{function}({', '.join(repr(a) if not isinstance(a, Path) else f'pathlib.Path({str(a)!r})' for a in args)})"
+    code = (f"import sys, pathlib; sys.path.insert(0, {str(test_file.parent)!r}); "
+            f"import {test_file.stem} as t; t.{call}")
+    env = {**subprocess_env(), "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env)
+
+
 @pytest.fixture
 def qx(capsys, monkeypatch):
     """Run ``qexport ARGS`` in this process through ``qexport.cli.main`` (the console entry point).

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import assert_user_error, write_png_folder
+from conftest import assert_user_error, run_in_fresh_process, write_png_folder
 from qexport.data.synthesize import SynthConfig
 from qexport.training.synthesis_run import synthesize_folder
 from qexport.errors import QexportError
@@ -63,38 +64,51 @@ def test_synthesis_is_deterministic_and_resumes(tmp_path):
     assert torch.equal(a, b1) and torch.equal(a, b2) and torch.equal(la, lb)
 
 
-def test_ctrl_c_mid_batch_finishes_the_step_then_resumes_identically(tmp_path, monkeypatch):
-    """Batches run on the shared training loop: a SIGINT in batch 2 lets the step under way finish, raises
-    KeyboardInterrupt with batch 1 in the checkpoint; --resume gives the images of an uninterrupted run."""
-    import os
+def _interrupted_synthesis(work: Path, stop_at: int) -> None:
+    """The interrupted run of the next test, in a fresh process: a real SIGINT during step ``stop_at``."""
     import signal
 
     from qexport.data import synthesize
     from qexport.models import load_model
     from qexport.training.synthesis_run import load_zoo, run_synthesis
 
-    cfg = SynthConfig(mode="mixmix", num_images=8, iters=6, batch_size=4)
-    zoo = load_zoo(load_model(TINY, None), TINY, [], "cpu")
-    ref, _, _ = run_synthesis(zoo, 4, cfg, 1, None, False, True)
     real_step, steps, done = synthesize.SynthesisBatch.step, [], []
 
     def step(self, info=None):
         steps.append(1)
-        if len(steps) == cfg.iters + 3:
-            os.kill(os.getpid(), signal.SIGINT)
+        if len(steps) == stop_at:
+            signal.raise_signal(signal.SIGINT)
         out = real_step(self, info)
         done.append(1)
         return out
 
+    synthesize.SynthesisBatch.step = step
+    zoo = load_zoo(load_model(TINY, None), TINY, [], "cpu")
+    try:
+        run_synthesis(zoo, 4, CTRL_C_CFG, 1, work, False, True)
+    except KeyboardInterrupt:
+        print(f"interrupted steps={len(steps)} done={len(done)}")
+
+
+CTRL_C_CFG = SynthConfig(mode="mixmix", num_images=8, iters=6, batch_size=4)
+
+
+def test_ctrl_c_mid_batch_finishes_the_step_then_resumes_identically(tmp_path):
+    """Batches run on the shared training loop: a SIGINT in batch 2 lets the step under way finish, raises
+    KeyboardInterrupt with batch 1 in the checkpoint; --resume gives the images of an uninterrupted run. The
+    interrupted run is a fresh process (see conftest.run_in_fresh_process)."""
+    from qexport.models import load_model
+    from qexport.training.synthesis_run import load_zoo, run_synthesis
+
+    zoo = load_zoo(load_model(TINY, None), TINY, [], "cpu")
+    ref, _, _ = run_synthesis(zoo, 4, CTRL_C_CFG, 1, None, False, True)
     work = tmp_path / "w"
     work.mkdir()
-    monkeypatch.setattr(synthesize.SynthesisBatch, "step", step)
-    with pytest.raises(KeyboardInterrupt):
-        run_synthesis(zoo, 4, cfg, 1, work, False, True)
-    assert len(steps) == len(done) == cfg.iters + 3
+    stop_at = CTRL_C_CFG.iters + 3
+    res = run_in_fresh_process(Path(__file__), "_interrupted_synthesis", work, stop_at)
+    assert f"interrupted steps={stop_at} done={stop_at}" in res.stdout, res.stdout + res.stderr[-2000:]
     assert len(torch.load(work / "synthesis.pt", weights_only=False)["batches"]) == 1
-    monkeypatch.setattr(synthesize.SynthesisBatch, "step", real_step)
-    resumed, _, _ = run_synthesis(zoo, 4, cfg, 1, work, True, True)
+    resumed, _, _ = run_synthesis(zoo, 4, CTRL_C_CFG, 1, work, True, True)
     assert torch.equal(ref, resumed)
 
 
