@@ -126,9 +126,10 @@ def test_verify_on_resnet20_engine(tmp_path, r20_engine, r20_w8a8, cifar_test, q
     common = ["verify", r20_engine, "--recipe", r20_w8a8, "--data", cifar_test, "--num-samples", 200,
               "--bench-batch", 0, "-q"]
     # Without VNNI the engine's u8s8 kernels saturate int16 pair sums of 8-bit weights: it really loses accuracy
-    # (ResNet-20 W8A8: 1.6 points on all test-dev), computes what the emulating QuantSim computes, and says so.
+    # (ResNet-20 W8A8: 1.6 points on all test-dev, 3.5 on these 200 images by the bit-exact emulation), computes
+    # what the emulating QuantSim computes, and says so.
     saturates = u8s8_pairs_saturate()
-    res = qx(*common, "--max-drop", 4.0 if saturates else 1.0, "--min-agreement", 99.0, "--report", tmp_path / "ok")
+    res = qx(*common, "--max-drop", 6.0 if saturates else 1.0, "--min-agreement", 99.0, "--report", tmp_path / "ok")
     assert res.code == 0, res.err
     assert "FP32 (PyTorch)" in res.out and "QuantSim" in res.out
     report = json.loads((tmp_path / "ok" / "report.json").read_text())
