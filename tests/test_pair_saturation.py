@@ -2,7 +2,7 @@
 
 On a CPU with VNNI or AMX nothing saturates and these tests check that the exact reference holds; on one without
 (CI has had both kinds) they check that the emulation reproduces the real kernels code for code. ONNX Runtime's
-QLinearConv is covered in test_engine_arith.py; here: the probes, OpenVINO's channel-pair order on a real
+QLinearConv is covered in test_engine_arith.py; here: the probes, OpenVINO's pair order on a real conv and gemm
 compiled model, and what verify reports.
 """
 
@@ -124,3 +124,44 @@ def test_float_reference_saturates_like_the_integer_one(tiny_recipe, tiny_images
     assert moved > 0.01, "the tiny recipe's 8-bit weights saturate some pairs"
     assert float((floated - exact).abs().mean()) > 0.5 * moved
     assert float((floated - integer).abs().mean()) < 0.2 * moved
+
+
+def test_openvino_int8_gemm_matches_the_emulation():
+    """A real OpenVINO int8 Gemm (a classifier), code for code: pairs of neighbouring features where this CPU
+    saturates them."""
+    ov = pytest.importorskip("openvino")
+    rng = np.random.default_rng(3)
+    k, o, n = 64, 10, 16
+    w = rng.integers(-127, 128, (o, k)).astype(np.int8)
+    w = np.where(rng.random(w.shape) < 0.5, np.where(w < 0, -127, 127), w).astype(np.int8)
+    codes = np.where(rng.random((n, k)) < 0.4, 255, rng.integers(0, 256, (n, k)))
+    sx, sw = 2.0**-4, 2.0**-7
+
+    def const(name, value, dtype):
+        return numpy_helper.from_array(np.array(value, dtype), name)
+
+    init = [numpy_helper.from_array(w, "w"), const("sw", sw, np.float32), const("zw", 0, np.int8),
+            const("sx", sx, np.float32), const("zx", 0, np.uint8), const("sy", 1.0, np.float32),
+            const("zy", 128, np.uint8)]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["w", "sw", "zw"], ["wd"]),
+             helper.make_node("Gemm", ["xd", "wd"], ["g"], transB=1),
+             helper.make_node("QuantizeLinear", ["g", "sy", "zy"], ["gq"]),
+             helper.make_node("DequantizeLinear", ["gq", "sy", "zy"], ["y"])]
+    graph = helper.make_graph(nodes, "qdq_gemm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], init)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(model.SerializeToString(), b""), "CPU",
+                                  {"INFERENCE_NUM_THREADS": 1, "INFERENCE_PRECISION_HINT": "f32"})
+    got = np.round(compiled({"x": (codes * sx).astype(np.float32)})[0])
+    ct, wt = torch.from_numpy(codes.astype(np.float64)), torch.from_numpy(w.astype(np.float64))
+    acc = F.linear(ct, wt)
+    corr = saturation_correction(ct, wt, None, pad_code=0, order="channel")
+    assert corr is not None and float(corr.abs().max()) > 0
+    if pairs_saturate("openvino"):
+        acc = acc + corr
+    want = torch.clamp(torch.round(acc * np.float32(sx * sw)), -128, 127).numpy()
+    np.testing.assert_array_equal(got, want)
