@@ -2,8 +2,8 @@
 
 On a CPU with VNNI or AMX nothing saturates and these tests check that the exact reference holds; on one without
 (CI has had both kinds) they check that the emulation reproduces the real kernels code for code. ONNX Runtime's
-QLinearConv is covered in test_engine_arith.py; here: the probes, OpenVINO's pair order on a real conv and gemm
-compiled model, and what verify reports.
+QLinearConv is covered in test_engine_arith.py; here: the probes, OpenVINO's pair order on a real compiled conv
+and gemm, and the float reference against the integer one.
 """
 
 from __future__ import annotations
