@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from conftest import TINY, assert_user_error, run_qexport, subprocess_env, tree, write_png_folder
-from qexport.quant.u8s8_saturation import u8s8_pairs_saturate
+from qexport.quant.u8s8_saturation import pairs_saturate
 
 # ---------------------------------------------------------------- happy paths
 
@@ -128,7 +128,7 @@ def test_verify_on_resnet20_engine(tmp_path, r20_engine, r20_w8a8, cifar_test, q
     # Without VNNI the engine's u8s8 kernels saturate int16 pair sums of 8-bit weights: it really loses accuracy
     # (ResNet-20 W8A8: 1.6 points on all test-dev, 3.5 on these 200 images by the bit-exact emulation), computes
     # what the emulating QuantSim computes, and says so.
-    saturates = u8s8_pairs_saturate()
+    saturates = pairs_saturate("onnxruntime")
     res = qx(*common, "--max-drop", 6.0 if saturates else 1.0, "--min-agreement", 99.0, "--report", tmp_path / "ok")
     assert res.code == 0, res.err
     assert "FP32 (PyTorch)" in res.out and "QuantSim" in res.out

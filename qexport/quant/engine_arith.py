@@ -32,7 +32,7 @@ the engine runs in float (a conv of an old plan whose output feeds a residual Ad
 QuantSim's arithmetic: their float32 summation order is MLAS's own and is not emulated.
 
 - x86 CPUs without VNNI: their u8s8 kernels saturate int16 sums of product pairs (8-bit weights only);
-  qexport/quant/u8s8_saturation.py adds that to the accumulators when this machine's flags show no VNNI.
+  qexport/quant/u8s8_saturation.py adds that to the accumulators where the kernels, asked, show it.
 
 Not emulated: ARM (its QLinearAdd is fixed point), grouped convolutions on CPUs without VNNI, int32 overflow.
 """
@@ -50,7 +50,7 @@ from torch import fx
 from qexport.errors import QexportError
 from qexport.quant import graph_ops
 from qexport.quant.quantsim import ActQuantizer, QuantConv2d, QuantLinear
-from qexport.quant.u8s8_saturation import saturation_correction, u8s8_pairs_saturate
+from qexport.quant.u8s8_saturation import PAD_CODE, PAIR_ORDER, pairs_saturate, saturation_correction
 
 ARITHMETIC_NAME = "onnxruntime-integer"
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
@@ -221,7 +221,7 @@ class OrtIntegerArithmetic:
         self.pools: set[fx.Node] = set()
         self.qpools: dict[fx.Node, tuple] = {}  # node -> (input quantizer, output quantizer)
         # this CPU's u8s8 kernels saturate int16 pair sums (None: ask them)
-        self.pair_saturation = u8s8_pairs_saturate() if pair_saturation is None else pair_saturation
+        self.pair_saturation = pairs_saturate("onnxruntime") if pair_saturation is None else pair_saturation
         for n in gm.graph.nodes:
             mod = graph_ops.target_module(gm, n)
             if isinstance(mod, (QuantConv2d, QuantLinear)):
@@ -294,7 +294,8 @@ class OrtIntegerArithmetic:
         acc = mod._conv_forward(levels, w, None) if conv is not None else F.linear(levels, w)
         if self.pair_saturation:  # the kernel multiplies the raw uint8 codes: level plus zero point
             zp_in = ort_encoding(in_aq.spec)[0]
-            corr = saturation_correction(levels + zp_in, w, conv, zp_in)
+            corr = saturation_correction(levels + zp_in, w, conv, PAD_CODE["onnxruntime"](zp_in),
+                                         PAIR_ORDER["onnxruntime"])
             acc = acc if corr is None else acc + corr
         shape = (1, -1) + (1,) * (acc.dim() - 2)
         bias_scale = s_in * s_w  # float32, as the exporter's bias grid and ORT's x_scale * w_scale

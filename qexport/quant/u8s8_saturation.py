@@ -8,11 +8,12 @@ the products are summed in int32 and nothing saturates. A pair can only saturate
 (255 * 128 < 32767), so weights of 7 bits or fewer never do.
 
 Which elements pair, measured under an AVX2-only CPU (an AMD EPYC; QEMU's ``-cpu max``), by the probes in
-tests/test_engine_arith.py: ONNX Runtime 1.32 (QLinearConv) pairs neighbours of its NHWC im2col order (kernel
-position, then input channel, flattened) and multiplies a padded position's zero-point code; OpenVINO 2026.4
-pairs neighbouring input channels at each kernel position (channels padded to an even count) and multiplies a
-padded position by 0. Both multiply the raw uint8 codes (level plus zero point) and correct the zero point
-after the sum. Whether this machine's kernels saturate is asked of the kernels themselves (``pairs_saturate``).
+tests/test_engine_arith.py and tests/test_pair_saturation.py: ONNX Runtime 1.32 (QLinearConv) pairs neighbours of
+its NHWC im2col order (kernel position, then input channel, flattened) and multiplies a padded position's zero-
+point code; OpenVINO 2026.4 pairs neighbouring input channels at each kernel position (channels padded to an even
+count) and multiplies a padded position by 0. Both multiply the raw uint8 codes (level plus zero point) and correct
+the zero point after the sum. Whether this machine's kernels saturate is asked of the kernels themselves
+(``pairs_saturate``).
 """
 
 from __future__ import annotations
@@ -106,11 +107,6 @@ def pairs_saturate(runtime: str) -> bool:
         return round(probes[runtime]()) != _PROBE_EXACT
     except Exception:  # not installed, or no CPU device: there is no engine here to emulate
         return False
-
-
-def u8s8_pairs_saturate() -> bool:
-    """Whether ONNX Runtime's u8s8 kernels on this CPU saturate int16 pair sums (``pairs_saturate``)."""
-    return pairs_saturate("onnxruntime")
 
 
 def _reduction_columns(codes: torch.Tensor, weight: torch.Tensor, conv, pad_code: int, order: str

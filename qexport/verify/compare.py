@@ -101,15 +101,17 @@ def verify(cfg: VerifyConfig) -> tuple[dict, Path]:
     fp32_engine = load_engine(cfg.engine, "fp32", cfg.threads) if meta["models"].get("fp32") else None
     folded = recipe.build_float_model()
     sim = recipe.build_quantsim(folded).set_exact_accumulation(True)
-    if meta["target"] == "openvino" and pairs_saturate("openvino"):  # this CPU's int8 kernels saturate
-        sim.set_pair_saturation("openvino")
-    # The reference is QuantSim computing what the engine's integer kernels compute, where it can; the float
-    # QuantSim (exact accumulation) is kept alongside for comparison.
+    # The reference is QuantSim computing what the engine's integer kernels compute, where it can (that includes
+    # their int16 pair saturation on CPUs without VNNI); the float QuantSim (exact accumulation) is kept alongside
+    # for comparison. Where no integer arithmetic is emulated, the float QuantSim is the reference, with this
+    # CPU's pair saturation when its kernels have it.
     float_sim = None
     arithmetic = engine_arithmetic_for(meta, recipe)
     if arithmetic is not None:
         float_sim = sim
         sim = recipe.build_quantsim(folded).set_exact_accumulation(True).set_engine_arithmetic(arithmetic)
+    elif pairs_saturate(meta["target"]):
+        sim.set_pair_saturation(meta["target"])
     models = {"fp32": folded, "quantsim": sim, "quantsim_float": float_sim, "engine": engine.infer,
               "fp32_engine": fp32_engine.infer if fp32_engine is not None else None}
     accuracy = _evaluate(ds, idx, models, cfg)
