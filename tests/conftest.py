@@ -61,6 +61,13 @@ def run_qexport(args: list[str], cwd: Path | None = None, timeout: float = 600) 
     return CliResult(p.returncode, p.stdout, p.stderr)
 
 
+class ConvGeometry:
+    """The geometry u8s8_saturation.saturation_correction reads from a QuantConv2d (3x3 kernels, padding 1)."""
+
+    def __init__(self, stride: int = 1):
+        self.groups, self.padding, self.stride, self.dilation = 1, (1, 1), (stride, stride), (1, 1)
+
+
 def run_in_fresh_process(test_file: Path, function: str, *args, timeout: float = 300
                          ) -> subprocess.CompletedProcess:
     """Call ``function(*args)`` of a test module in a new Python process (for tests that raise a real SIGINT:
@@ -77,6 +84,29 @@ def run_in_fresh_process(test_file: Path, function: str, *args, timeout: float =
             f"import {test_file.stem} as t; t.{call}")
     env = {**subprocess_env(), "OMP_NUM_THREADS": str(torch.get_num_threads())}
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def sigint_at_step(cls, stop_at: int) -> dict[str, int]:
+    """Make the ``stop_at``-th call of ``cls.step`` deliver a real SIGINT just before it steps (for a run in a
+    fresh process, see run_in_fresh_process; the class stays patched in that process).
+
+    Returns:
+        Counters ``started`` and ``finished`` of the step calls, updated as the run goes.
+    """
+    import signal
+
+    real, count = cls.step, {"started": 0, "finished": 0}
+
+    def step(self, info=None):
+        count["started"] += 1
+        if count["started"] == stop_at:
+            signal.raise_signal(signal.SIGINT)
+        out = real(self, info)
+        count["finished"] += 1
+        return out
+
+    cls.step = step
+    return count
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_in_fresh_process
+from conftest import run_in_fresh_process, sigint_at_step
 from qexport.calibrators.base import CalibrationContext
 from qexport.calibrators.blocks import find_blocks
 from qexport.calibrators.brecq import CHECKPOINT, BrecqConfig, calibrate_brecq
@@ -93,25 +93,13 @@ def test_resume_after_interrupt_is_bit_identical(tmp_path, monkeypatch):
 
 def _interrupted_brecq(work: Path, stop_at: int) -> None:
     """The interrupted run of the next test, in a fresh process: a real SIGINT during phase step ``stop_at``."""
-    import signal
-
     from qexport.calibrators import brecq_core
 
-    real_step, steps, done = brecq_core._Phase.step, [], []
-
-    def step(self, info=None):
-        steps.append(1)
-        if len(steps) == stop_at:
-            signal.raise_signal(signal.SIGINT)
-        out = real_step(self, info)
-        done.append(1)
-        return out
-
-    brecq_core._Phase.step = step
+    count = sigint_at_step(brecq_core._Phase, stop_at)
     try:
         calibrate_brecq(_ctx(work_dir=work), FAST)
     except KeyboardInterrupt:
-        print(f"interrupted steps={len(steps)} done={len(done)}")
+        print(f"interrupted steps={count['started']} done={count['finished']}")
 
 
 def test_ctrl_c_inside_a_phase_finishes_the_step_then_resumes_bit_identically(tmp_path):

@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 
+from conftest import ConvGeometry
 from qexport.errors import QexportError
 from qexport.quant.engine_arith import emulated_here, qlinear_add_codes, requantize_levels
 from qexport.quant.u8s8_saturation import pairs_saturate, saturation_correction
@@ -69,13 +70,6 @@ def test_qlinear_add_matches_ort_node(tmp_path, zps, seed):
         assert (np.clip(np.round(exact) + zc, 0, 255) != got).sum() >= 100  # 151 of 65,573 here
 
 
-class _ConvGeometry:
-    """The geometry saturation_correction reads from a QuantConv2d."""
-
-    def __init__(self, stride: int):
-        self.groups, self.padding, self.stride, self.dilation = 1, (1, 1), (stride, stride), (1, 1)
-
-
 @pytest.mark.parametrize("cin,zp_x,zp_y,stride", [(3, 128, 0, 1), (16, 0, 128, 1), (32, 0, 0, 1), (16, 128, 0, 2)])
 def test_requantization_matches_qlinearconv_node(tmp_path, cin, zp_x, zp_y, stride):
     """A real QLinearConv (3 input channels: im2col + MlasRequantizeOutput; 16/32: the ConvSym kernels); on a CPU
@@ -97,7 +91,7 @@ def test_requantization_matches_qlinearconv_node(tmp_path, cin, zp_x, zp_y, stri
     xt, wt = torch.from_numpy(x.astype(np.float64)), torch.from_numpy(w.astype(np.float64))
     acc = F.conv2d(xt - zp_x, wt, padding=1, stride=stride)
     acc = acc + torch.from_numpy(bias.astype(np.float64)).view(1, -1, 1, 1)
-    corr = saturation_correction(xt, wt, _ConvGeometry(stride), zp_x)
+    corr = saturation_correction(xt, wt, ConvGeometry(stride), zp_x)
     assert corr is not None and float(corr.abs().max()) > 0  # these weights can saturate a pair
     if pairs_saturate("onnxruntime"):
         acc = acc + corr
@@ -111,14 +105,14 @@ def test_saturation_correction_equals_pairwise_sums():
     rng = np.random.default_rng(5)
     x = torch.from_numpy(rng.integers(0, 256, (2, 3, 5, 5)).astype(np.float64))
     w = torch.from_numpy(rng.integers(-127, 128, (4, 3, 3, 3)).astype(np.float64))
-    corr = saturation_correction(x, w, _ConvGeometry(1), pad_code=7)
+    corr = saturation_correction(x, w, ConvGeometry(1), pad_code=7)
     xp = F.pad(x, (1, 1, 1, 1), value=7.0)
     for n, o, i, j in [(0, 0, 0, 0), (1, 3, 2, 4), (0, 2, 4, 1), (1, 1, 3, 3)]:
         prods = (xp[n, :, i:i + 3, j:j + 3] * w[o]).permute(1, 2, 0).reshape(-1).tolist() + [0.0]  # K = 27: pad
         pairs = [prods[k] + prods[k + 1] for k in range(0, 28, 2)]
         want = sum(min(max(p, -32768.0), 32767.0) - p for p in pairs)
         assert float(corr[n, o, i, j]) == want
-    assert saturation_correction(x, torch.clamp(w, -64, 64), _ConvGeometry(1)) is None  # 7-bit: never saturates
+    assert saturation_correction(x, torch.clamp(w, -64, 64), ConvGeometry(1)) is None  # 7-bit: never saturates
 
 
 # ---------------------------------------------------------------- whole models

@@ -14,14 +14,8 @@ import torch
 import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 
+from conftest import ConvGeometry
 from qexport.quant.u8s8_saturation import pairs_saturate, saturation_correction, saturation_note
-
-
-class _ConvGeometry:
-    """The geometry saturation_correction reads from a QuantConv2d."""
-
-    def __init__(self, stride: int = 1):
-        self.groups, self.padding, self.stride, self.dilation = 1, (1, 1), (stride, stride), (1, 1)
 
 
 def test_probes_answer_for_each_runtime():
@@ -39,65 +33,76 @@ def test_channel_order_equals_pairwise_sums():
     rng = np.random.default_rng(7)
     x = torch.from_numpy(rng.integers(0, 256, (2, 3, 5, 5)).astype(np.float64))
     w = torch.from_numpy(rng.integers(-127, 128, (4, 3, 3, 3)).astype(np.float64))
-    corr = saturation_correction(x, w, _ConvGeometry(), pad_code=0, order="channel")
+    corr = saturation_correction(x, w, ConvGeometry(), pad_code=0, order="channel")
     xp = F.pad(x, (1, 1, 1, 1))
     for n, o, i, j in [(0, 0, 0, 0), (1, 3, 2, 4), (0, 2, 4, 1), (1, 1, 3, 3)]:
         prods = torch.cat([xp[n, :, i:i + 3, j:j + 3] * w[o], torch.zeros(1, 3, 3, dtype=torch.float64)])
         pairs = (prods[0::2] + prods[1::2]).reshape(-1).tolist()
         want = sum(min(max(p, -32768.0), 32767.0) - p for p in pairs)
         assert float(corr[n, o, i, j]) == want
-    position = saturation_correction(x, w, _ConvGeometry(), pad_code=0, order="position")
+    position = saturation_correction(x, w, ConvGeometry(), pad_code=0, order="position")
     assert not torch.equal(corr, position)  # with 3 channels the two orders pair different products
 
 
-def _qdq_conv(tmp_path, x_zp: int, w: np.ndarray, sx: float, sw: float, sy: float):
-    """Q -> DQ -> Conv(DQ(int8 w)) -> Q -> DQ, which OpenVINO compiles into one int8 convolution."""
-    c = w.shape[1]
+SX, SW = 2.0**-4, 2.0**-7  # powers of two: the float requantization is exact, only the sums can differ
 
+
+def _saturating_weights(rng, shape) -> np.ndarray:
+    """Random int8 weights, half of them at +-127, so that many neighbouring pairs exceed the int16 range."""
+    w = rng.integers(-127, 128, shape)
+    return np.where(rng.random(shape) < 0.5, np.where(w < 0, -127, 127), w).astype(np.int8)
+
+
+def _high_codes(rng, shape) -> np.ndarray:
+    """Random uint8 codes, 40 % of them 255."""
+    return np.where(rng.random(shape) < 0.4, 255, rng.integers(0, 256, shape))
+
+
+def _openvino_int8_codes(ov, compute: str, w: np.ndarray, codes: np.ndarray, x_zp: int, **attrs) -> np.ndarray:
+    """Run ``Q -> DQ -> compute(DQ(int8 w)) -> Q -> DQ`` (one int8 kernel in OpenVINO) on ``codes`` and return the
+    output levels (output scale 1)."""
     def const(name, value, dtype):
         return numpy_helper.from_array(np.array(value, dtype), name)
 
-    init = [numpy_helper.from_array(w, "w"), const("sw", sw, np.float32), const("zw", 0, np.int8),
-            const("sx", sx, np.float32), const("zx", x_zp, np.uint8), const("sy", sy, np.float32),
+    init = [numpy_helper.from_array(w, "w"), const("sw", SW, np.float32), const("zw", 0, np.int8),
+            const("sx", SX, np.float32), const("zx", x_zp, np.uint8), const("sy", 1.0, np.float32),
             const("zy", 128, np.uint8)]
     nodes = [helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
              helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
              helper.make_node("DequantizeLinear", ["w", "sw", "zw"], ["wd"]),
-             helper.make_node("Conv", ["xd", "wd"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node(compute, ["xd", "wd"], ["c"], **attrs),
              helper.make_node("QuantizeLinear", ["c", "sy", "zy"], ["cq"]),
              helper.make_node("DequantizeLinear", ["cq", "sy", "zy"], ["y"])]
-    graph = helper.make_graph(nodes, "qdq_conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, c, 7, 7])],
+    graph = helper.make_graph(nodes, f"qdq_{compute}",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(codes.shape))],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], init)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
-    path = tmp_path / "qdq_conv.onnx"
-    path.write_bytes(model.SerializeToString())
-    return path
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(model.SerializeToString(), b""), "CPU",
+                                  {"INFERENCE_NUM_THREADS": 1, "INFERENCE_PRECISION_HINT": "f32"})
+    return np.round(compiled({"x": ((codes - x_zp) * SX).astype(np.float32)})[0])
+
+
+def _emulated_codes(acc: torch.Tensor, corr: torch.Tensor | None) -> np.ndarray:
+    """The exact accumulators plus, where this CPU's OpenVINO kernels saturate, the correction, requantized."""
+    assert corr is not None and float(corr.abs().max()) > 0  # these weights do saturate pairs
+    if pairs_saturate("openvino"):
+        acc = acc + corr
+    return torch.clamp(torch.round(acc * np.float32(SX * SW)), -128, 127).numpy()
 
 
 @pytest.mark.parametrize("cin,x_zp", [(3, 128), (16, 0), (16, 128), (5, 0)])
-def test_openvino_int8_conv_matches_the_emulation(tmp_path, cin, x_zp):
+def test_openvino_int8_conv_matches_the_emulation(cin, x_zp):
     """A real OpenVINO int8 conv, code for code: exact accumulators plus, where this CPU saturates, the channel-pair
     correction on the raw codes (level plus zero point; a padded position multiplies 0)."""
     ov = pytest.importorskip("openvino")
     rng = np.random.default_rng(cin + x_zp)
-    w = rng.integers(-127, 128, (8, cin, 3, 3)).astype(np.int8)
-    w = np.where(rng.random(w.shape) < 0.5, np.where(w < 0, -127, 127), w).astype(np.int8)  # many saturating pairs
-    codes = np.where(rng.random((2, cin, 7, 7)) < 0.4, 255, rng.integers(0, 256, (2, cin, 7, 7)))
-    sx, sw, sy = 2.0**-4, 2.0**-7, 1.0  # powers of two: the float requantization is exact, only the sums differ
-    x = ((codes - x_zp) * sx).astype(np.float32)
-    core = ov.Core()
-    compiled = core.compile_model(core.read_model(_qdq_conv(tmp_path, x_zp, w, sx, sw, sy)), "CPU",
-                                  {"INFERENCE_NUM_THREADS": 1, "INFERENCE_PRECISION_HINT": "f32"})
-    got = np.round(compiled({"x": x})[0] / sy)
+    w, codes = _saturating_weights(rng, (8, cin, 3, 3)), _high_codes(rng, (2, cin, 7, 7))
+    got = _openvino_int8_codes(ov, "Conv", w, codes, x_zp, pads=[1, 1, 1, 1])
     ct, wt = torch.from_numpy(codes.astype(np.float64)), torch.from_numpy(w.astype(np.float64))
-    acc = F.conv2d(ct - x_zp, wt, padding=1)
-    corr = saturation_correction(ct, wt, _ConvGeometry(), pad_code=0, order="channel")
-    assert corr is not None and float(corr.abs().max()) > 0  # these weights do saturate pairs
-    if pairs_saturate("openvino"):
-        acc = acc + corr
-    want = torch.clamp(torch.round(acc * np.float32(sx * sw) / np.float32(sy)), -128, 127).numpy()
-    np.testing.assert_array_equal(got, want)
+    corr = saturation_correction(ct, wt, ConvGeometry(), pad_code=0, order="channel")
+    np.testing.assert_array_equal(got, _emulated_codes(F.conv2d(ct - x_zp, wt, padding=1), corr))
 
 
 def test_float_reference_saturates_like_the_integer_one(tiny_recipe, tiny_images):
@@ -131,37 +136,8 @@ def test_openvino_int8_gemm_matches_the_emulation():
     saturates them."""
     ov = pytest.importorskip("openvino")
     rng = np.random.default_rng(3)
-    k, o, n = 64, 10, 16
-    w = rng.integers(-127, 128, (o, k)).astype(np.int8)
-    w = np.where(rng.random(w.shape) < 0.5, np.where(w < 0, -127, 127), w).astype(np.int8)
-    codes = np.where(rng.random((n, k)) < 0.4, 255, rng.integers(0, 256, (n, k)))
-    sx, sw = 2.0**-4, 2.0**-7
-
-    def const(name, value, dtype):
-        return numpy_helper.from_array(np.array(value, dtype), name)
-
-    init = [numpy_helper.from_array(w, "w"), const("sw", sw, np.float32), const("zw", 0, np.int8),
-            const("sx", sx, np.float32), const("zx", 0, np.uint8), const("sy", 1.0, np.float32),
-            const("zy", 128, np.uint8)]
-    nodes = [helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
-             helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
-             helper.make_node("DequantizeLinear", ["w", "sw", "zw"], ["wd"]),
-             helper.make_node("Gemm", ["xd", "wd"], ["g"], transB=1),
-             helper.make_node("QuantizeLinear", ["g", "sy", "zy"], ["gq"]),
-             helper.make_node("DequantizeLinear", ["gq", "sy", "zy"], ["y"])]
-    graph = helper.make_graph(nodes, "qdq_gemm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n, k])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], init)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    core = ov.Core()
-    compiled = core.compile_model(core.read_model(model.SerializeToString(), b""), "CPU",
-                                  {"INFERENCE_NUM_THREADS": 1, "INFERENCE_PRECISION_HINT": "f32"})
-    got = np.round(compiled({"x": (codes * sx).astype(np.float32)})[0])
+    w, codes = _saturating_weights(rng, (10, 64)), _high_codes(rng, (16, 64))
+    got = _openvino_int8_codes(ov, "Gemm", w, codes, 0, transB=1)
     ct, wt = torch.from_numpy(codes.astype(np.float64)), torch.from_numpy(w.astype(np.float64))
-    acc = F.linear(ct, wt)
     corr = saturation_correction(ct, wt, None, pad_code=0, order="channel")
-    assert corr is not None and float(corr.abs().max()) > 0
-    if pairs_saturate("openvino"):
-        acc = acc + corr
-    want = torch.clamp(torch.round(acc * np.float32(sx * sw)), -128, 127).numpy()
-    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got, _emulated_codes(F.linear(ct, wt), corr))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import assert_user_error, run_in_fresh_process, write_png_folder
+from conftest import assert_user_error, run_in_fresh_process, sigint_at_step, write_png_folder
 from qexport.data.synthesize import SynthConfig
 from qexport.training.synthesis_run import synthesize_folder
 from qexport.errors import QexportError
@@ -66,28 +66,16 @@ def test_synthesis_is_deterministic_and_resumes(tmp_path):
 
 def _interrupted_synthesis(work: Path, stop_at: int) -> None:
     """The interrupted run of the next test, in a fresh process: a real SIGINT during step ``stop_at``."""
-    import signal
-
     from qexport.data import synthesize
     from qexport.models import load_model
     from qexport.training.synthesis_run import load_zoo, run_synthesis
 
-    real_step, steps, done = synthesize.SynthesisBatch.step, [], []
-
-    def step(self, info=None):
-        steps.append(1)
-        if len(steps) == stop_at:
-            signal.raise_signal(signal.SIGINT)
-        out = real_step(self, info)
-        done.append(1)
-        return out
-
-    synthesize.SynthesisBatch.step = step
+    count = sigint_at_step(synthesize.SynthesisBatch, stop_at)
     zoo = load_zoo(load_model(TINY, None), TINY, [], "cpu")
     try:
         run_synthesis(zoo, 4, CTRL_C_CFG, 1, work, False, True)
     except KeyboardInterrupt:
-        print(f"interrupted steps={len(steps)} done={len(done)}")
+        print(f"interrupted steps={count['started']} done={count['finished']}")
 
 
 CTRL_C_CFG = SynthConfig(mode="mixmix", num_images=8, iters=6, batch_size=4)
