@@ -19,6 +19,7 @@ from qexport.errors import QexportError
 from qexport.quant.fake_quant import channel_view, fake_quant, quantize_to_int
 from qexport.quant.plan import ActPoint, QuantPlan
 from qexport.quant.spec import QuantSpec
+from qexport.quant.u8s8_saturation import PAD_CODE, PAIR_ORDER, saturation_correction
 
 
 class ActQuantizer(nn.Module):
@@ -164,8 +165,6 @@ class _QuantLayerMixin:
         aq = self.input_quantizer
         if self.pair_saturation is None or aq is None or not aq.enabled or not self.weight_quantizer.enabled:
             return 0.0
-        from qexport.quant.u8s8_saturation import saturation_correction
-
         order, zero_point, pad_code = self.pair_saturation
         s_in = aq.scale.detach().double()
         codes = torch.round(x / s_in) + zero_point
@@ -328,7 +327,6 @@ class QuantSim(nn.Module):
             self.
         """
         from qexport.quant.targets import get_target
-        from qexport.quant.u8s8_saturation import PAD_CODE, PAIR_ORDER
 
         target = get_target(self.plan.target)
         for layer in self.layers().values():
