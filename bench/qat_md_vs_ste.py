@@ -126,6 +126,19 @@ def _engine(recipe: Path, args) -> dict:
     return {k: acc.get(k) for k in ("engine_top1", "quantsim_top1", "engine_vs_quantsim_agreement", "fp32_top1")}
 
 
+def _reference(args) -> dict:
+    """The fp32 run of an alignq_shift results file, when its test-dev set and training settings match ours."""
+    ref = json.loads(args.reference.read_text()).get("fp32")
+    if ref is None:
+        raise SystemExit(f"{args.reference} has no fp32 run")
+    same = (ref.get("budget"), ref.get("seed"), ref.get("max_images")) == (args.budget, args.seed, None)
+    if not same or args.eval_samples is not None or (args.budget is None and ref.get("epochs") != args.epochs):
+        raise SystemExit(f"{args.reference}: its fp32 run used another budget, seed, image count or test-dev subset")
+    return {"test_top1": ref["top1"]["test-dev"], "original_top1": ref["original_top1"]["test-dev"],
+            "metrics": ref["metrics"], "reference": str(args.reference), "wall_seconds": ref["wall_seconds"],
+            "threads": ref["threads"], "curve": []}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budget", default=None, help="wall-clock budget per run (30m, 2h); default: --epochs")
@@ -135,10 +148,13 @@ def main() -> int:
     ap.add_argument("--engine", default="", help="runs whose recipe is also exported and verified on an engine")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch and engine threads (1 on a shared machine: 2 threads ran 10x slower under load)")
-    ap.add_argument("--eval-samples", type=int, default=None, help="seeded test-dev subset (default: all 10,000)")
+    ap.add_argument("--eval-samples", type=int, default=None, help="seeded test-dev subset (default: all 5,000)")
     ap.add_argument("--engine-samples", type=int, default=1000, help="seeded test-dev subset for verify (0: all)")
     ap.add_argument("--curve", action="store_true", help="test-dev top-1 after every epoch")
     ap.add_argument("--out", type=Path, default=Path("bench_out/qat"))
+    ap.add_argument("--reference", type=Path, default=None,
+                    help="take the fp32 reference from bench/alignq_shift.py's results.json (same trainer, budget, "
+                         "seed; run there with --eval-samples 0) instead of fine-tuning it again")
     ap.add_argument("--fresh", action="store_true")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
@@ -169,6 +185,12 @@ def main() -> int:
         tmp.write_text(json.dumps(results, indent=1, default=str))
         os.replace(tmp, path)
         print(f"{name}: test-dev top-1 {res['test_top1']:.2f} % ({res['wall_seconds']:.0f} s)", flush=True)
+    if args.reference is not None and "fp32" not in results:  # read at the end: it may finish after our start
+        results["fp32"] = _reference(args)
+        runs = ["fp32"] + [r for r in runs if r != "fp32"]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(results, indent=1, default=str))
+        os.replace(tmp, path)
     ref = results.get("fp32", {}).get("test_top1")
     print(f"\n| run | test-dev top-1 | drop vs fine-tuned FP32 | steps | engine agreement |\n|---|---|---|---|---|")
     for name in runs:
