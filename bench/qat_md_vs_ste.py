@@ -57,14 +57,17 @@ def _options(args) -> dict:
     return opts
 
 
-def _curve_hook(points: list, xt, yt):
-    def on_epoch(task, heldout):
+def _callbacks(points: list, xt, yt, curve: bool):
+    """The training loop's callbacks: with ``curve``, test-dev top-1 of the hard-projected network per epoch."""
+    from qexport.training import Callbacks
+
+    def on_epoch(task, row):
         with task.method.evaluating(task.sim):
             acc = top1(task.sim, xt, yt)
-        points.append({"seconds": round(task.elapsed, 1), "epoch": task.epoch + 1, "test_top1": acc,
-                       "heldout_top1": heldout})
-        print(f"  curve: {task.elapsed:7.0f} s epoch {task.epoch + 1}: test-dev {acc:.2f} %", flush=True)
-    return on_epoch
+        points.append({"seconds": row["seconds"], "epoch": row["epoch"], "test_top1": acc,
+                       "heldout_top1": row.get("heldout_top1")})
+        print(f"  curve: {row['seconds']:7.0f} s epoch {row['epoch']}: test-dev {acc:.2f} %", flush=True)
+    return Callbacks(on_epoch_end=on_epoch if curve else None)
 
 
 def run_fp32(args, xt, yt, curve: list) -> dict:
@@ -82,9 +85,8 @@ def run_fp32(args, xt, yt, curve: list) -> dict:
     folded = fold_batchnorm(loaded.model)
     sim = QuantSim(folded, build_plan(folded, "onnxruntime", BitsConfig.parse("w8a8")))
     before = top1(folded, xt, yt)
-    extras = {"qat_on_epoch": _curve_hook(curve, xt, yt)} if args.curve else {}
     ctx = CalibrationContext(sim=sim, folded=folded, model=loaded, data=None, labels=None, seed=args.seed,
-                             quiet=args.quiet, data_dir=TRAIN, extras=extras)
+                             quiet=args.quiet, data_dir=TRAIN, callbacks=_callbacks(curve, xt, yt, args.curve))
     metrics = train(ctx, QATConfig(**_options(args)), FloatMethod())
     with sim.quant_disabled():
         after = top1(sim, xt, yt)
@@ -98,10 +100,10 @@ def run_qat(name: str, args, xt, yt, curve: list) -> dict:
 
     method, bits, fl = RUNS[name]
     out = args.out / name
-    extras = {"qat_on_epoch": _curve_hook(curve, xt, yt)} if args.curve else {}
     calibrate(CalibrateConfig(model="cifar:resnet20", weights=str(WEIGHTS), output=out, method=method, bits=bits,
                               first_last_bits=fl, data=str(TRAIN), seed=args.seed, force=True, quiet=args.quiet,
-                              device="cpu", options=_options(args), extras=extras))
+                              device="cpu", options=_options(args),
+                              callbacks=_callbacks(curve, xt, yt, args.curve)))
     recipe = QuantRecipe.load(out)
     sim = recipe.build_quantsim().set_exact_accumulation(True)
     res = {"test_top1": top1(sim, xt, yt), "metrics": recipe.metrics, "recipe": str(out)}

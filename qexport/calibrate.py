@@ -23,6 +23,7 @@ from qexport.fileio import atomic_dir, check_output_free
 from qexport.progress import progress_bar
 from qexport.quant.layer_bits import resolve_bits
 from qexport.quant.spec import BitsConfig
+from qexport.training.loop import Callbacks
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,8 @@ class CalibrateConfig:
         resume: continue an interrupted run from its checkpoint.
         quiet: no progress bars.
         options: method options (validated by the method's config).
-        extras: passed to the calibrator as ``ctx.extras`` (benches and tests: hooks such as ``qat_on_epoch``).
+        callbacks: named hooks of the training loop, passed to the calibrator as ``ctx.callbacks`` (benches and
+            tests: e.g. score the model after every epoch); None: none.
         layer_bits: ``NAME=wNaM`` per-layer widths on top of ``bits`` (mixed precision).
         auto_bits: with ``bits="auto"``: the budget per-layer widths are chosen for (qexport/mixed/allocate.py).
     """
@@ -71,7 +73,7 @@ class CalibrateConfig:
     resume: bool = False
     quiet: bool = False
     options: dict = field(default_factory=dict)
-    extras: dict = field(default_factory=dict)
+    callbacks: Callbacks | None = None
     layer_bits: tuple[str, ...] = ()
     auto_bits: object | None = None
 
@@ -160,7 +162,7 @@ def calibrate(cfg: CalibrateConfig) -> Path:
         ctx = CalibrationContext(sim=sim, folded=folded, model=loaded, data=data, labels=labels, seed=cfg.seed,
                                  device=device, quiet=quiet, artifact_dir=tmp, work_dir=work,
                                  resume=cfg.resume, dist=dist,
-                                 data_dir=Path(cfg.data) if info.needs_labels else None, extras=dict(cfg.extras))
+                                 data_dir=Path(cfg.data) if info.needs_labels else None, callbacks=cfg.callbacks or Callbacks())
         try:
             metrics = info.fn(ctx, method_cfg) or {}
         except QexportError:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, assert_user_error, write_png_folder
+from conftest import TINY, assert_user_error, run_in_fresh_process, sigint_at_step, write_png_folder
 from qexport.calibrators.base import CalibrationContext
 from qexport.errors import QexportError
 from qexport.quant.fake_quant import fake_quant, quantize_to_int
@@ -87,7 +87,7 @@ def test_ste_learns_step_sizes(labelled):
     order = qat_data.epoch_order(task.split, 0, 0)
     for i in range(4):
         x, y = qat_data.train_batch(task.split, order[i * 8 : (i + 1) * 8], g)
-        m = task.step(x, y, i / 4)
+        m = task.update(x, y, i / 4)
     assert m["loss"] > 0
     moved_w = [n for n, l in task.sim.layers().items() if not torch.equal(l.weight_quantizer.scale, w0[n])]
     moved_a = [n for n, a in task.sim.act_quantizers().items() if float(a.scale.detach()) != a0[n]]
@@ -157,7 +157,7 @@ def test_md_anneals_and_soft_weights_approach_levels(labelled, bits, levels):
     betas, gaps = [], []
     for i in range(5):
         x, y = qat_data.train_batch(task.split, order[i * 8 : (i + 1) * 8], g)
-        m = task.step(x, y, i / 5, (i + 1) / 5)
+        m = task.update(x, y, i / 5, (i + 1) / 5)
         betas.append(m["beta"])
         gaps.append(m["gap"])
     assert betas == sorted(betas) and betas[-1] == pytest.approx(50.0) and betas[0] > 1.0
@@ -260,23 +260,44 @@ def test_torchrun_two_ranks_train_identical_weights_and_write_once(tmp_path, lab
 
 
 # ---------------------------------------------------------------- resume, size
-def test_interrupted_run_resumes_bit_identically(tmp_path, labelled):
-    from qexport.calibrate import CalibrateConfig, calibrate
+def _resume_cfg(root: Path, data: Path, name: str, **kw):
+    from qexport.calibrate import CalibrateConfig
+
+    return CalibrateConfig(model=TINY, output=root / name, method="md", bits="w2a8", first_last_bits=8,
+                           data=str(data), quiet=True, options={"epochs": 2, "batch_size": 8}, **kw)
+
+
+def _interrupted_qat(root: Path, data: Path, stop_at: int) -> None:
+    """The interrupted run of the next test, in a fresh process: a real SIGINT during training step ``stop_at``."""
+    from qexport.calibrate import calibrate
+    from qexport.calibrators.qat_task import QATTask
+
+    count = sigint_at_step(QATTask, stop_at)
+    try:
+        calibrate(_resume_cfg(root, data, "cut"))
+    except KeyboardInterrupt:
+        print(f"interrupted steps={count['started']} done={count['finished']}")
+
+
+def test_ctrl_c_mid_epoch_finishes_the_step_then_resumes_bit_identically(tmp_path, labelled):
+    """The QAT trainer runs on the shared training loop: a SIGINT in the middle of the first epoch (step 3 of 6)
+    lets that step finish, writes a checkpoint and no recipe; --resume then equals an uninterrupted run."""
+    from qexport.calibrate import calibrate
+    from qexport.calibrators.qat_task import CHECKPOINT
     from qexport.recipe import QuantRecipe
 
-    def cfg(name: str, **kw) -> CalibrateConfig:
-        return CalibrateConfig(model=TINY, output=tmp_path / name, method="md", bits="w2a8", first_last_bits=8,
-                               data=str(labelled), quiet=True, options={"epochs": 2, "batch_size": 8}, **kw)
-
-    full = QuantRecipe.load(calibrate(cfg("full")))
-    with pytest.raises(KeyboardInterrupt):
-        calibrate(cfg("cut", extras={"qat_interrupt_after": 3}))
-    assert not (tmp_path / "cut").exists() and (tmp_path / ".cut.work" / "qat_checkpoint.pt").is_file()
-    resumed = QuantRecipe.load(calibrate(cfg("cut", resume=True)))
+    full = QuantRecipe.load(calibrate(_resume_cfg(tmp_path, labelled, "full")))
+    res = run_in_fresh_process(Path(__file__), "_interrupted_qat", tmp_path, labelled, 3)
+    assert "interrupted steps=3 done=3" in res.stdout, res.stdout + res.stderr[-2000:]
+    assert not (tmp_path / "cut").exists()
+    ckpt = torch.load(tmp_path / ".cut.work" / CHECKPOINT, weights_only=False)
+    assert (ckpt["epoch"], ckpt["it"]) == (0, 3)
+    resumed = QuantRecipe.load(calibrate(_resume_cfg(tmp_path, labelled, "cut", resume=True)))
     for name, q in full.int_weights.items():
         assert torch.equal(q, resumed.int_weights[name]), name
         assert torch.equal(full.weight_scales[name], resumed.weight_scales[name]), name
     assert full.act_scales == resumed.act_scales
+    assert [r["heldout_top1"] for r in full.metrics["history"]] == [r["heldout_top1"] for r in resumed.metrics["history"]]
     assert not (tmp_path / ".cut.work").exists()
 
 

@@ -203,6 +203,43 @@ def test_time_budget_stops_after_warmup(tmp_path):
     assert task.warmup_ended == 1
 
 
+def test_progress_follows_iterations_or_the_budget(tmp_path):
+    """StepInfo.progress: the fraction done before the step by iterations (progress_next: after it); with a time
+    budget the fraction of the budget spent (the larger one when an epoch count is given too), capped at 1."""
+    task = Regression()
+    _loop(task, tmp_path / "a", epochs=2, iters_per_epoch=3, warmup_epochs=0).run()
+    assert [i.progress for i in task.infos] == pytest.approx([k / 6 for k in range(6)])
+    assert [i.progress_next for i in task.infos] == pytest.approx([(k + 1) / 6 for k in range(6)])
+    clock = FakeClock()
+    task = Regression(clock=clock, seconds=lambda info: 2.0)
+    _loop(task, tmp_path / "b", epochs=None, time_budget=10.0, iters_per_epoch=3, warmup_epochs=0).run()
+    assert [i.progress for i in task.infos] == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8])
+    assert all(i.progress == i.progress_next for i in task.infos)
+    clock = FakeClock()
+    task = Regression(clock=clock, seconds=lambda info: 0.5)
+    _loop(task, tmp_path / "c", epochs=2, time_budget=100.0, iters_per_epoch=2, warmup_epochs=0).run()
+    assert [i.progress for i in task.infos] == pytest.approx([0.0, 0.25, 0.5, 0.75])
+
+
+class Scored(Regression):
+    """A task with an end-of-epoch score (as QAT's held-out top-1)."""
+
+    def end_epoch(self, row):
+        return {"score": 10.0 * row["epoch"], "none": None}
+
+
+def test_task_end_epoch_columns_join_the_row(tmp_path, capsys):
+    rows = []
+    task = Scored()
+    loop = TrainLoop(task, LoopConfig(name="toy", label="toy scored", epochs=2, iters_per_epoch=2), work_dir=tmp_path,
+                     callbacks=Callbacks(on_epoch_end=lambda t, row: rows.append(dict(row))))
+    hist = loop.run()
+    assert [r["score"] for r in hist] == [10.0, 20.0] and rows == hist
+    err = capsys.readouterr().err
+    assert "score 10.0000" in err and "score 20.0000" in err and "none" not in err
+    assert (tmp_path / "toy_checkpoint.pt").is_file()  # the label is the bar's, the name the file's
+
+
 def test_replan_never_moves_a_passed_milestone(tmp_path):
     """Issue 11 item 9: ``--schedule paper --time-budget`` re-plans the epoch count until half the run, while the
     paper's first milestone is at a quarter. Here epochs get 20x faster after the second game epoch (a shared

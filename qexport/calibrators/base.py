@@ -40,7 +40,6 @@ class CalibrationContext:
         dist: rank and world size under torchrun (training methods draw their share of the samples and average
             gradients; only rank 0 gets an artifact_dir).
         callbacks: named hooks of the training loop (benchmarks and tests; ``qexport.training.Callbacks``).
-        extras: test/bench hooks of the QAT trainer (to move onto ``callbacks``).
         data_dir: the labelled training folder of QAT methods (``needs_labels``), which read it themselves.
     """
 
@@ -58,7 +57,6 @@ class CalibrationContext:
     dist: DistInfo = SINGLE
     callbacks: Callbacks = field(default_factory=Callbacks)
     data_dir: Path | None = None
-    extras: dict = field(default_factory=dict)
 
 
 def config_from_options(config_cls: type, options: dict, method: str):

@@ -1,19 +1,17 @@
-"""The QAT trainer: a task with ``step()`` / ``state_dict()`` / ``load_state_dict()``, and the epoch runner.
+"""The QAT trainer: :class:`QATTask`, a task of the shared training loop (:mod:`qexport.training.loop`), and
+:func:`train`, which runs it.
 
-:class:`QATTask` holds everything one training step needs (QuantSim, method, optimizer, data split) and is
-shaped for the shared training loop; :func:`train` runs it: epochs or a time budget, a checkpoint in
-``ctx.work_dir`` after every epoch (and on Ctrl-C, mid-epoch), ``--resume`` from it (bit-identical with
-``--epochs`` on the CPU), one progress bar, and DistributedDataParallel when launched by ``torchrun``
-(``WORLD_SIZE`` > 1: gloo on CPU, NCCL on GPU; every rank trains its DistributedSampler share, rank 0 alone
-writes checkpoints).
+The loop gives every QAT method epochs or a time budget, a checkpoint in ``ctx.work_dir`` after every epoch (and
+on Ctrl-C, mid-epoch), ``--resume`` from it (bit-identical with ``--epochs`` on the same machine kind), one
+progress bar, named callbacks, and several processes under ``torchrun`` (DistributedDataParallel: gloo on CPU,
+NCCL on GPU; every rank trains its DistributedSampler share, rank 0 alone writes). The task adds what is QAT's
+own: the learning rate follows the run continuously (cosine, or steps at fractions of the run), the held-out
+share of the training folder is scored after every epoch, and ``--select-epoch`` keeps the best epoch.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -21,32 +19,13 @@ import torch.nn.functional as F
 from qexport.calibrators.base import calibrate_activations
 from qexport.calibrators.qat import QATConfig, QATMethod, parse_fractions
 from qexport.errors import QexportError
-from qexport.interrupt import GracefulInterrupt
 from qexport.progress import progress_bar
+from qexport.training import distributed as D
 from qexport.training import qat_data
+from qexport.training.loop import LoopConfig, StepInfo, TrainLoop
 
-CHECKPOINT = "qat_checkpoint.pt"
-
-
-def dist_info() -> tuple[int, int]:
-    """(rank, world size): from torch.distributed when initialised, else from torchrun's environment."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def _init_dist(device: str) -> None:
-    if dist_info()[1] > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-
-
-def _broadcast(values: list[float]) -> list[float]:
-    """Rank 0's values on every rank (stop flags, time fractions)."""
-    if dist_info()[1] == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64)
-    torch.distributed.broadcast(t, 0)
-    return t.tolist()
+LOOP_NAME = "qat"
+CHECKPOINT = f"{LOOP_NAME}_checkpoint.pt"  # the training loop's file for a run named "qat", in ctx.work_dir
 
 
 class QATTask:
@@ -62,7 +41,7 @@ class QATTask:
         self.ctx, self.cfg, self.method = ctx, cfg, method
         if ctx.data_dir is None:
             raise QexportError(f"--method {method.name} trains on labelled images: pass --data DIR")
-        self.rank, self.world = dist_info()
+        self.rank, self.world = ctx.dist.rank, ctx.dist.world_size
         self.sim = ctx.sim.to(ctx.device)
         nc = getattr(ctx.model, "num_classes", None)
         with progress_bar(None, "loading training images", ctx.quiet or self.rank > 0) as bar:
@@ -80,16 +59,11 @@ class QATTask:
             groups.append({"params": acts, "lr_factor": method.act_scale_lr_factor})
         self.optimizer = self._optimizer(groups)
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
-        self.model = self.sim
-        if self.world > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            self.model = DistributedDataParallel(self.sim, device_ids=None if ctx.device == "cpu" else [ctx.device])
-        self.epoch, self.batch_in_epoch, self.steps, self.elapsed = 0, 0, 0, 0.0
+        self.model = D.wrap_ddp(ctx.dist, self.sim)
         self.gen = torch.Generator()
         self.steps_per_epoch = math.ceil(math.ceil(len(self.split.train_idx) / self.world) / cfg.batch_size)
-        self.history: list[dict] = []
         self.best: tuple[float, dict] | None = None
+        self._batches: tuple[int, list[list[int]]] | None = None  # (epoch, this rank's batches of it)
 
     def _init_scales(self) -> None:
         """Activation scales by the 99.999th percentile on a seeded subset of the training split."""
@@ -127,8 +101,27 @@ class QATTask:
         drops = sum(progress >= m for m in parse_fractions(self.cfg.step_milestones, "--step-milestones"))
         return self.cfg.step_gamma**drops
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, progress: float, progress_after: float | None = None) -> dict:
-        """One optimizer step on a batch.
+    def step(self, info: StepInfo) -> dict:
+        """The loop's iteration: batch ``info.iteration`` of this rank's share of epoch ``info.epoch``, augmented
+        with the epoch's seeded generator, then :meth:`update` at the loop's progress.
+
+        Args:
+            info: where the loop is.
+
+        Returns:
+            The step's metrics.
+        """
+        if self._batches is None or self._batches[0] != info.epoch:
+            order = qat_data.epoch_order(self.split, info.epoch, self.ctx.seed, self.rank, self.world)
+            bs = self.cfg.batch_size
+            self._batches = (info.epoch, [order[i : i + bs] for i in range(0, len(order), bs)])
+        if info.iteration == 0:
+            self.gen.manual_seed(self.ctx.seed * 7919 + info.epoch)
+        x, y = qat_data.train_batch(self.split, self._batches[1][info.iteration], self.gen)
+        return self.update(x, y, info.progress, info.progress_next)
+
+    def update(self, x: torch.Tensor, y: torch.Tensor, progress: float, progress_after: float | None = None) -> dict:
+        """One optimizer step on a given batch.
 
         Args:
             x: augmented images.
@@ -157,7 +150,6 @@ class QATTask:
             self.sim.apply_shared_scales()
         out = {"loss": float(loss.detach()), "acc": float((logits.argmax(1) == y).float().mean()), "lr": self.base_lrs[0] * f}
         out.update(self.method.after_step(progress if progress_after is None else progress_after))
-        self.steps += 1
         return out
 
     def evaluate(self) -> float | None:
@@ -171,125 +163,58 @@ class QATTask:
                 right += int((self.sim(x.to(self.ctx.device)).argmax(1).cpu() == y).sum())
         return 100.0 * right / len(self.split.val_idx)
 
+    def end_epoch(self, row: dict) -> dict:
+        """The loop's end-of-epoch hook: the held-out top-1 joins the row; ``--select-epoch`` keeps the best."""
+        top1 = self.evaluate()
+        if self.cfg.select_epoch and top1 is not None and (self.best is None or top1 > self.best[0]):
+            self.best = (top1, {"sim": {k: v.clone() for k, v in self.sim.state_dict().items()},
+                                "method_state": self.method.state_dict(), "epoch": row["epoch"]})
+        return {"heldout_top1": None if top1 is None else round(top1, 2)}
+
+    def models(self) -> dict[str, torch.nn.Module]:
+        return {"sim": self.sim}
+
     def state_dict(self) -> dict:
-        return {"method": self.method.name, "seed": self.ctx.seed, "cfg": repr(self.cfg), "world": self.world,
-                "sim": self.sim.state_dict(), "method_state": self.method.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                "steps": self.steps, "elapsed": self.elapsed, "gen": self.gen.get_state(),
-                "history": self.history, "best": self.best}
+        return {"sim": self.sim.state_dict(), "method_state": self.method.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "best": self.best}
 
     def load_state_dict(self, st: dict) -> None:
-        if (st.get("method"), st.get("seed"), st.get("cfg"), st.get("world")) != (
-                self.method.name, self.ctx.seed, repr(self.cfg), self.world):
-            raise QexportError("--resume: the checkpoint was written with another method, seed, options or process "
-                               "count; rerun without --resume")
         self.sim.load_state_dict(st["sim"])
         self.method.load_state_dict(st["method_state"])
         self.optimizer.load_state_dict(st["optimizer"])
-        self.epoch, self.batch_in_epoch, self.steps = st["epoch"], st["batch_in_epoch"], st["steps"]
-        self.elapsed, self.history, self.best = st["elapsed"], st["history"], st["best"]
+        self.best = st["best"]
+
+    def rank_state_dict(self) -> dict:
+        return {"gen": self.gen.get_state()}
+
+    def load_rank_state_dict(self, st: dict) -> None:
         self.gen.set_state(st["gen"])
 
 
-def _save(task: QATTask) -> None:
-    if task.rank != 0 or task.ctx.work_dir is None:
-        return
-    path = Path(task.ctx.work_dir) / CHECKPOINT
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(task.state_dict(), tmp)
-    os.replace(tmp, path)
-
-
-def _progress(task: QATTask, budget: float | None, epochs: int | None) -> float:
-    if budget is not None:
-        frac = task.elapsed / budget
-        if epochs is not None:
-            frac = max(frac, task.steps / (epochs * task.steps_per_epoch))
-        return frac
-    return task.steps / (epochs * task.steps_per_epoch)
-
-
-def _run_epoch(task: QATTask, bar, flag: GracefulInterrupt, budget: float | None, epochs: int | None) -> bool:
-    """Train the rest of the current epoch; returns False when the run must stop (budget spent)."""
-    cfg = task.cfg
-    if task.batch_in_epoch == 0:
-        task.gen.manual_seed(task.ctx.seed * 7919 + task.epoch)
-    order = qat_data.epoch_order(task.split, task.epoch, task.ctx.seed, task.rank, task.world)
-    batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
-    interrupt_after = task.ctx.extras.get("qat_interrupt_after")  # tests: simulate Ctrl-C after N steps
-    while task.batch_in_epoch < len(batches):
-        t0 = time.time()
-        x, y = qat_data.train_batch(task.split, batches[task.batch_in_epoch], task.gen)
-        frac, stop_now = _broadcast([_progress(task, budget, epochs), float(flag.flag)])
-        after = frac + (1.0 / (epochs * task.steps_per_epoch) if epochs is not None and budget is None else 0.0)
-        m = task.step(x, y, min(frac, 1.0), min(after, 1.0))
-        task.batch_in_epoch += 1
-        task.elapsed += time.time() - t0
-        on_step = task.ctx.extras.get("qat_on_step")  # tests: e.g. compare weights across ranks
-        if on_step is not None:
-            on_step(task)
-        bar.advance(1, info=f"ep {task.epoch + 1} loss {m['loss']:.3f} acc {100 * m['acc']:.0f}% "
-                    + " ".join(f"{k} {v:.3g}" for k, v in m.items() if k not in ("loss", "acc")))
-        if stop_now or (interrupt_after is not None and task.steps >= interrupt_after):
-            _save(task)
-            raise KeyboardInterrupt
-        if budget is not None and _broadcast([float(task.elapsed >= budget)])[0]:
-            return False
-    return True
-
-
-def _end_epoch(task: QATTask, bar) -> None:
-    top1 = task.evaluate()
-    task.history.append({"epoch": task.epoch + 1, "steps": task.steps, "seconds": round(task.elapsed, 1),
-                         "heldout_top1": top1})
-    if task.cfg.select_epoch and top1 is not None and (task.best is None or top1 > task.best[0]):
-        task.best = (top1, {"sim": {k: v.clone() for k, v in task.sim.state_dict().items()},
-                            "method_state": task.method.state_dict(), "epoch": task.epoch + 1})
-    on_epoch = task.ctx.extras.get("qat_on_epoch")  # benches: e.g. snapshot top-1 against time
-    if on_epoch is not None:
-        on_epoch(task, top1)
-    bar.update(info=f"epoch {task.epoch + 1} held-out top-1 {top1 if top1 is None else round(top1, 2)}")
-    task.epoch += 1
-    task.batch_in_epoch = 0
-
-
 def train(ctx, cfg: QATConfig, method: QATMethod) -> dict:
-    """Run a QAT method to the end and finalize the QuantSim (see the module docstring).
+    """Run a QAT method on the shared training loop to the end and finalize the QuantSim.
 
     Args:
-        ctx: CalibrationContext.
+        ctx: CalibrationContext (``ctx.callbacks`` reach the loop; ``ctx.dist`` under torchrun).
         cfg: trainer options.
         method: the QAT method.
 
     Returns:
-        Metrics: per-epoch held-out top-1, steps, seconds, the method's final metrics.
+        Metrics: the loop's per-epoch history (with held-out top-1), steps, seconds, the method's final metrics.
     """
-    _init_dist(ctx.device)
     torch.manual_seed(ctx.seed)
     task = QATTask(ctx, cfg, method)
-    ckpt = Path(ctx.work_dir) / CHECKPOINT if ctx.work_dir is not None else None
-    if ctx.resume:
-        if ckpt is None or not ckpt.is_file():
-            raise QexportError(f"--resume: no QAT checkpoint in {ctx.work_dir}")
-        task.load_state_dict(torch.load(ckpt, weights_only=False))
-    budget, epochs = cfg.budget_seconds, cfg.planned_epochs
-    total = epochs * task.steps_per_epoch if epochs is not None else None
-    quiet = ctx.quiet or task.rank > 0
-    with GracefulInterrupt() as flag, progress_bar(total, f"qat {method.name}", quiet) as bar:
-        bar.advance(task.steps)
-        while epochs is None or task.epoch < epochs:
-            if not _run_epoch(task, bar, flag, budget, epochs):
-                _end_epoch(task, bar)
-                break
-            _end_epoch(task, bar)
-            _save(task)
+    loop = TrainLoop(task, LoopConfig(name=LOOP_NAME, label=f"qat {method.name}", iters_per_epoch=task.steps_per_epoch,
+                                      epochs=cfg.planned_epochs, time_budget=cfg.budget_seconds),
+                     work_dir=ctx.work_dir, resume=ctx.resume, quiet=ctx.quiet, callbacks=ctx.callbacks,
+                     identity={"method": method.name, "config": repr(cfg), "seed": ctx.seed}, dist=ctx.dist)
+    history = loop.run()
     if task.best is not None:
         task.sim.load_state_dict(task.best[1]["sim"])
         task.method.load_state_dict(task.best[1]["method_state"])
     final = method.finalize(task.sim)
     ctx.sim = task.sim
     return {"method": method.name, "train_images": len(task.split.train_idx),
-            "heldout_images": len(task.split.val_idx), "steps": task.steps, "epochs_run": task.epoch,
-            "train_seconds": round(task.elapsed, 1), "world_size": task.world, "history": task.history,
-            "selected_epoch": task.best[1]["epoch"] if task.best else None, **final}
+            "heldout_images": len(task.split.val_idx), "steps": sum(r["iters"] for r in history),
+            "epochs_run": len(history), "train_seconds": round(loop.elapsed, 1), "world_size": task.world,
+            "history": history, "selected_epoch": task.best[1]["epoch"] if task.best else None, **final}

@@ -14,7 +14,9 @@ and optionally
   averaged after every step) and hashes them per step when ``QEXPORT_TRACE_STEPS=DIR`` is set;
 - ``rank_state_dict()`` / ``load_rank_state_dict(dict)``: per-rank state (the task's own torch.Generator, running
   values that differ between ranks); gathered from every rank into the checkpoint;
-- ``end_warmup()``: called once when the warm-up epochs are over (or at once when there are none).
+- ``end_warmup()``: called once when the warm-up epochs are over (or at once when there are none);
+- ``end_epoch(row) -> dict``: called on every rank after each epoch with its history row; the returned values
+  (e.g. a held-out score) join the row, the epoch line and the ``on_epoch_end`` callback.
 
 Then::
 
@@ -31,6 +33,8 @@ The loop does the rest:
 - **length**: ``epochs`` x ``iters_per_epoch``, or a ``time_budget`` in seconds: without ``epochs`` the count is
   planned from the measured time of the first epoch after the warm-up and re-planned each epoch until
   ``replan_until`` of the run; the run stops once the budget is spent (never inside the warm-up);
+- **progress**: ``StepInfo.progress`` is the fraction of the run done before the step (by iterations, or by
+  the time spent with a budget), for methods whose lr or annealing follow the run continuously (QAT's cosine);
 - **learning rate**: each optimizer in ``scheduled`` runs at its initial lr times ``gamma`` per milestone passed;
   milestones are fractions of the run, scaled to the planned epoch count; a re-plan never moves a milestone that
   has already been applied, nor puts a later one in the past;
@@ -76,7 +80,8 @@ class LoopConfig:
     """Length and schedule of a run (see the module docstring).
 
     Attributes:
-        name: shown on the progress bar; names the checkpoint file.
+        name: names the checkpoint file (and the progress bar without ``label``).
+        label: the progress bar's text (default ``name``).
         iters_per_epoch: iterations per epoch.
         epochs: total epochs, warm-up included (None: planned from ``time_budget``).
         time_budget: wall-clock seconds of training (None: no limit).
@@ -89,6 +94,7 @@ class LoopConfig:
     """
 
     name: str = "train"
+    label: str = ""
     iters_per_epoch: int = 1
     epochs: int | None = None
     time_budget: float | None = None
@@ -136,13 +142,17 @@ class Callbacks:
 
 @dataclass(frozen=True)
 class StepInfo:
-    """What the task's ``step`` is told: epoch and iteration (0-based), warm-up, lr factor, the job."""
+    """What the task's ``step`` is told: epoch and iteration (0-based), warm-up, lr factor, the job, and the
+    fraction of the run done before (``progress``) and after (``progress_next``) this step: by iterations when
+    the epoch count is fixed, by time spent when there is a budget (then both are the same), capped at 1."""
 
     epoch: int
     iteration: int
     warmup: bool
     lr_factor: float
     dist: DistInfo
+    progress: float = 0.0
+    progress_next: float = 0.0
 
 
 class TrainLoop:
@@ -215,6 +225,17 @@ class TrainLoop:
             bar.update(total=self.epochs * cfg.iters_per_epoch)
         elif self.epochs is None:
             bar.update(total=(self.epoch + 1) * cfg.iters_per_epoch)
+
+    def progress(self) -> tuple[float, float]:
+        """(fraction of the run done before the next iteration, after it): see StepInfo."""
+        done, total = self.epoch * self.cfg.iters_per_epoch + self.it, None
+        if self.cfg.epochs is not None:
+            total = self.cfg.epochs * self.cfg.iters_per_epoch
+        by_iters = done / total if total else 0.0
+        if self.cfg.time_budget is not None:
+            frac = min(max(self.elapsed / self.cfg.time_budget, by_iters), 1.0)
+            return frac, frac
+        return min(by_iters, 1.0), min((done + 1) / total, 1.0)
 
     # ------------------------------------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict:
@@ -293,7 +314,8 @@ class TrainLoop:
             self.callbacks.on_start(self.task)
         ipe = self.cfg.iters_per_epoch
         silent = self.quiet or not self.dist.is_main
-        with GracefulInterrupt() as intr, progress_bar((self.epochs or 1) * ipe, self.cfg.name, silent) as bar:
+        with GracefulInterrupt() as intr, progress_bar((self.epochs or 1) * ipe, self.cfg.label or self.cfg.name,
+                                                      silent) as bar:
             bar.advance(self.epoch * ipe + self.it)
             while self.epochs is None or self.epoch < self.epochs:
                 if self._run_epoch(intr, bar, silent):
@@ -314,7 +336,7 @@ class TrainLoop:
                 g["lr"] = g["initial_lr"] * factor
         t0 = self.clock()
         while self.it < cfg.iters_per_epoch:
-            metrics = self.task.step(StepInfo(self.epoch, self.it, warm, factor, self.dist))
+            metrics = self.task.step(StepInfo(self.epoch, self.it, warm, factor, self.dist, *self.progress()))
             self.it += 1
             for k, v in metrics.items():
                 self.acc[k] = self.acc.get(k, 0.0) + v
@@ -351,11 +373,13 @@ class TrainLoop:
         row = {"epoch": self.epoch + 1, "warmup": warm,
                **{name: opt.param_groups[0]["lr"] for name, opt in self.scheduled.items()},
                **{k: round(v / n, 5) for k, v in zip(keys, sums)}, "iters": int(n), "seconds": round(self.elapsed, 1)}
+        extra = (self.task.end_epoch(row) or {}) if hasattr(self.task, "end_epoch") else {}
+        row.update(extra)
         self.history.append(row)
         if self.callbacks.on_epoch_end is not None:
             self.callbacks.on_epoch_end(self.task, row)
         if not silent and self.cfg.epochs != 1:  # a one-epoch run (a phase): its bar already shows the metrics
-            shown = [k for k in keys if not self.cfg.show or k in self.cfg.show]
+            shown = [k for k in [*keys, *extra] if (not self.cfg.show or k in self.cfg.show) and row[k] is not None]
             sys.stderr.write(f"epoch {row['epoch']}{' (warm-up)' if warm else ''}: "
                              + " ".join(f"{k} {row[k]:.4f}" for k in shown)
                              + "".join(f" {name} {row[name]:.1e}" for name in self.scheduled)

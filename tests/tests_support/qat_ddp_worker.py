@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from qexport.calibrate import CalibrateConfig, calibrate
+from qexport.training import Callbacks
 
 
 def main() -> None:
@@ -22,7 +23,7 @@ def main() -> None:
     torch.set_num_threads(1)
     digests = []
 
-    def on_step(task) -> None:
+    def on_step(task, metrics) -> None:
         h = hashlib.sha256()
         for name, p in sorted(task.sim.named_parameters()):
             h.update(name.encode())
@@ -31,7 +32,7 @@ def main() -> None:
 
     calibrate(CalibrateConfig(model="tests_support.models:tiny_net", output=Path(out), method="md", bits="w1a8",
                               first_last_bits=8, data=data, quiet=True, device="cpu",
-                              options={"epochs": 2, "batch_size": 4}, extras={"qat_on_step": on_step}))
+                              options={"epochs": 2, "batch_size": 4}, callbacks=Callbacks(on_step_end=on_step)))
     rank = os.environ.get("RANK", "0")
     Path(log, f"rank{rank}.json").write_text(json.dumps(digests))
 
