@@ -4,7 +4,8 @@ weight widths vs uniform W4A8 vs random per-layer allocations at the same mean w
     python bench/mixed_precision.py                       # budget 4.5, 5 random seeds, all test-dev
     python bench/mixed_precision.py --eval-samples 1000 --random-seeds 2 --table runs/sens20
 
-Steps: one sensitivity table (``qexport sensitivity`` at the default probe widths w3a4,w4a4,w6a6 on 128
+Steps: the greedy allocation (``--bits auto --allocator greedy``: whole-model loss, widths 4, 5, 6, 8); one
+sensitivity table (``qexport sensitivity`` at the default probe widths w3a4,w4a4,w6a6 on 128
 calibration images: only its weight column is used here); for each budget ``--bits auto --weight-bits-avg B``
 (knapsack; by default no layer below the floor of the mean, and once without that rule) and random allocations
 from the same widths {4, 6, 8} filling the same budget; uniform W4A8 as the reference. Every recipe: mse, 512
@@ -85,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heldout", type=int, default=2000, help="held-out training images (choices)")
     ap.add_argument("--eval-samples", type=int, default=None, help="test-dev subset (default all 5,000)")
     ap.add_argument("--num-samples", type=int, default=512)
+    ap.add_argument("--skip-below-floor", action="store_true", help="leave out the knapsack without the floor rule")
+    ap.add_argument("--engine-recipe", default="greedy", choices=("greedy", "sensitivity"),
+                    help="the allocation also run through an ONNX Runtime engine")
     args = ap.parse_args(argv)
     train, test, ckpt = cifar_images("train"), cifar_images("test-dev"), cifar_checkpoint(20)
     if train is None or test is None or ckpt is None:
@@ -124,8 +128,10 @@ def main(argv: list[str] | None = None) -> int:
         b = args.budget
         run("uniform w4a8", bits="w4a8")
         run(f"sensitivity avg {b:g}", bits="auto", auto_bits=AutoBitsConfig(weight_bits_avg=b, sensitivity=str(sens)))
-        run(f"sensitivity avg {b:g}, below floor", bits="auto",
-            auto_bits=AutoBitsConfig(weight_bits_avg=b, sensitivity=str(sens), floor=False))
+        if not args.skip_below_floor:
+            run(f"sensitivity avg {b:g}, below floor", bits="auto",
+                auto_bits=AutoBitsConfig(weight_bits_avg=b, sensitivity=str(sens), floor=False))
+        run(f"greedy avg {b:g}", bits="auto", auto_bits=AutoBitsConfig(weight_bits_avg=b, allocator="greedy"))
         numels = {r["layer"]: r["weights"] for r in table["layers"]}
         rand = []
         for s in range(args.random_seeds):
@@ -136,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         if rand:
             print(f"random avg {b:g}, mean of {len(rand)} seeds: " + "  ".join(
                 f"{k} {sum(r[k] for r in rand) / len(rand):.2f}" for k in sets), flush=True)
-        _engine_check(tmp / f"sensitivity_avg_{b:g}", test, args.eval_samples)
+        _engine_check(tmp / f"{args.engine_recipe}_avg_{b:g}", test, args.eval_samples)
     print(f"total {time.time() - t_start:.0f} s wall (shared machine: wall times are noisy)")
     return 0
 

@@ -103,7 +103,7 @@ def calibrate(cfg: CalibrateConfig) -> Path:
     if auto and cfg.auto_bits is None:
         raise QexportError("--bits auto needs a budget: --weight-bits-avg 4.5, --size-kb 100 or --act-bits-avg 6")
     if not auto and cfg.auto_bits is not None:
-        raise QexportError("--weight-bits-avg, --act-bits-avg and --size-kb go with --bits auto")
+        raise QexportError("--weight-bits-avg, --act-bits-avg, --size-kb and --allocator go with --bits auto")
     bits = BitsConfig(8, 8) if auto else resolve_bits(cfg.bits, cfg.layer_bits, cfg.first_last_bits)
     check_output_free(cfg.output, cfg.force)
     if cfg.num_samples <= 0:

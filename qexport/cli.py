@@ -48,13 +48,13 @@ def _size(text: Optional[str]) -> Optional[tuple[int, int]]:
 
 
 def _auto_bits(weight_avg: Optional[float], act_avg: Optional[float], size_kb: Optional[float],
-               sensitivity: Optional[Path]):
-    if weight_avg is None and act_avg is None and size_kb is None and sensitivity is None:
+               sensitivity: Optional[Path], allocator: Optional[str] = None):
+    if weight_avg is None and act_avg is None and size_kb is None and sensitivity is None and allocator is None:
         return None
     from qexport.mixed.allocate import AutoBitsConfig
 
     return AutoBitsConfig(weight_bits_avg=weight_avg, act_bits_avg=act_avg, size_kb=size_kb,
-                          sensitivity=str(sensitivity) if sensitivity else None)
+                          sensitivity=str(sensitivity) if sensitivity else None, allocator=allocator or "knapsack")
 
 
 def _calibrator_configs() -> dict[str, type]:
@@ -118,6 +118,9 @@ def calibrate(
     sensitivity: Optional[Path] = typer.Option(None, help="--bits auto: sensitivity.json from `qexport "
                                                "sensitivity` (default: measured now on the calibration images).",
                                                rich_help_panel=_MIXED),
+    allocator: Optional[str] = typer.Option(None, help="--bits auto: knapsack (adds per-layer sensitivities; "
+                                            "default) or greedy (raises one layer at a time by the measured loss "
+                                            "of the whole model; weight widths only).", rich_help_panel=_MIXED),
     keep_float: list[str] = typer.Option([], help="Layer to leave in float (repeatable), e.g. an unsupported one."),
     input_size: Optional[str] = typer.Option(None, help="Override the input size: H,W or one number."),
     mean: Optional[str] = typer.Option(None, help="Override normalisation mean, e.g. 0.485,0.456,0.406."),
@@ -154,7 +157,8 @@ def calibrate(
                               keep_float=tuple(keep_float), input_size=_size(input_size),
                               mean=_floats(mean, "--mean"), std=_floats(std, "--std"), device=device, force=force,
                               resume=resume, quiet=quiet, options=method_options, layer_bits=tuple(layer_bits),
-                              auto_bits=_auto_bits(weight_bits_avg, act_bits_avg, size_kb, sensitivity))
+                              auto_bits=_auto_bits(weight_bits_avg, act_bits_avg, size_kb, sensitivity,
+                                                   allocator))
     out = run_calibrate(cfg)
     typer.echo(f"recipe written to {out}")
 

@@ -138,3 +138,58 @@ def test_allocation_stays_at_or_above_the_floor_of_the_mean_by_default():
     floored = allocate(table, weight_bits_avg=4.5)
     assert min(w for w, _ in floored["layers"].values()) == 4 and floored["mean_weight_bits"] <= 4.5
     assert allocate(table, weight_bits_avg=5.0)["layers"]["a"][0] == 8  # 4+4+4+8 = mean 5
+
+
+# ---------------------------------------------------------------- --allocator greedy
+def _fragile_for_weights() -> torch.nn.Module:
+    """conv -> ReLU -> conv -> ReLU -> pool -> fc, where the second conv is fragile at low weight widths: every
+    filter has a weight of 5 on input channel 0, which is always 0 (first conv's filter 0 is zero with bias -1), so
+    the float output ignores it; it sets each filter's grid step and the live weights (~0.1) round to 0. Its twin
+    (a third conv of the same size) is ordinary."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 4)).eval()
+    with torch.no_grad():
+        net[0].weight[0].zero_()
+        net[0].bias[0] = -1.0
+        net[2].weight[:, 0] = 5.0
+    return net
+
+
+def test_greedy_raises_the_fragile_layer_and_keeps_the_budget():
+    from qexport.mixed.greedy import greedy_allocation
+    from qexport.models import fold_batchnorm
+
+    folded = fold_batchnorm(_fragile_for_weights())
+    x = torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    numel = {n: m.weight.numel() for n, m in folded.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
+    budget = 4 * sum(numel.values()) + 4 * numel["2"]  # room to raise one of the two big convs to 8 bits
+    res = greedy_allocation(folded, "onnxruntime", x, budget, widths=(4, 6, 8), quiet=True)
+    raised = [r["layer"] for r in res["rounds"]]
+    assert res["widths"]["2"] > 4 and raised.index("2") < (raised.index("4") if "4" in raised else len(raised)), raised
+    assert sum(numel[n] * w for n, w in res["widths"].items()) <= budget
+    losses = [r["loss"] for r in res["rounds"]]
+    assert losses == sorted(losses, reverse=True) and res["loss"] == pytest.approx(losses[-1], rel=1e-5)
+
+
+def test_bits_auto_greedy_end_to_end_and_its_bad_inputs(tmp_path, tiny_images, qx):
+    out = tmp_path / "g"
+    res = qx("calibrate", TINY, "--bits", "auto", "--weight-bits-avg", "5.5", "--allocator", "greedy", "--data",
+             tiny_images, "--num-samples", "16", "--method", "mse", "-q", "-o", out)
+    assert res.code == 0, res.err
+    rec = QuantRecipe.load(out)
+    numels = {n: int(t.numel()) for n, t in rec.int_weights.items()}
+    assert 5.0 < mean_weight_bits(rec.plan, numels) <= 5.5
+    mp = rec.metrics["mixed_precision"]
+    assert mp["allocator"] == "greedy" and mp["rounds"] and mp["candidate_widths"] == [5, 6, 7, 8]
+    assert {lp.name: f"w{lp.weight.bits}a8" for lp in rec.plan.layers} == mp["layers"]
+    for args, frag in [(["--allocator", "greedy", "--act-bits-avg", "6"], "weight widths only"),
+                       (["--allocator", "best", "--weight-bits-avg", "5"], "--allocator 'best'"),
+                       (["--allocator", "greedy", "--weight-bits-avg", "0.5"], "--weight-bits-avg must be in 1..8")]:
+        bad = tmp_path / "bad"
+        res = qx("calibrate", TINY, "--bits", "auto", "--data", tiny_images, "--num-samples", "16", "-q", "-o", bad,
+                 *args)
+        assert_user_error(res, frag)
+        assert not bad.exists()

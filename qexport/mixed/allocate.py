@@ -25,6 +25,7 @@ from qexport.quant.layer_bits import parse_width
 from qexport.quant.spec import BitsConfig
 
 DEFAULT_PROBE = "w3a4,w4a4,w6a6"
+ALLOCATORS = ("knapsack", "greedy")
 _STEPS = 4000
 
 
@@ -38,6 +39,8 @@ class AutoBitsConfig:
     sensitivity: str | None = field(default=None, metadata={"help": "sensitivity.json (default: measured now)"})
     probe: str = field(default=DEFAULT_PROBE, metadata={"help": "widths measured when no table is given"})
     floor: bool = field(default=True, metadata={"help": "no layer below the floor of the mean budget"})
+    allocator: str = field(default="knapsack", metadata={"help": "knapsack (per-layer sensitivity table) or greedy "
+                                                                 "(whole-model loss, qexport/mixed/greedy.py)"})
 
     def __post_init__(self) -> None:
         if self.weight_bits_avg is None and self.act_bits_avg is None and self.size_kb is None:
@@ -47,6 +50,16 @@ class AutoBitsConfig:
                 raise QexportError(f"{name} must be in 1..8, got {v}")
         if self.size_kb is not None and self.size_kb <= 0:
             raise QexportError(f"--size-kb must be positive, got {self.size_kb}")
+        if self.allocator not in ALLOCATORS:
+            raise QexportError(f"--allocator {self.allocator!r} is not one of {', '.join(ALLOCATORS)}")
+        if self.allocator == "greedy" and self.act_bits_avg is not None:
+            raise QexportError("--allocator greedy chooses weight widths only; for --act-bits-avg use "
+                               "--allocator knapsack")
+        if self.allocator == "greedy" and self.weight_bits_avg is None and self.size_kb is None:
+            raise QexportError("--allocator greedy needs a weight budget: --weight-bits-avg or --size-kb")
+        if self.allocator == "greedy" and self.sensitivity is not None:
+            raise QexportError("--allocator greedy measures the whole model on the calibration images and reads no "
+                               "--sensitivity table; drop one of the two")
 
 
 def knapsack(items: list[list[tuple[float, float, int]]], budget: float) -> list[int] | None:
@@ -214,6 +227,8 @@ def allocate_for_run(auto: AutoBitsConfig, model: str, folded, target: str, data
     from qexport.mixed.sensitivity import measure_sensitivity, parse_probe_widths
     from qexport.mixed.sensitivity_run import load_table
 
+    if auto.allocator == "greedy":
+        return _greedy_for_run(auto, folded, target, data, keep_float, quiet)
     if auto.sensitivity:
         table = load_table(auto.sensitivity)
     elif data is None:
@@ -239,3 +254,29 @@ def allocate_for_run(auto: AutoBitsConfig, model: str, folded, target: str, data
                 budget={"weight_bits_avg": auto.weight_bits_avg, "size_kb": auto.size_kb,
                         "act_bits_avg": auto.act_bits_avg})
     return bits, info
+
+
+def _greedy_for_run(auto: AutoBitsConfig, folded, target: str, data, keep_float: tuple[str, ...],
+                    quiet: bool) -> tuple[BitsConfig, dict]:
+    """``--allocator greedy``: weight widths from the whole-model loss on (at most 256) calibration images;
+    every input at 8 bits."""
+    from qexport.mixed.greedy import candidate_widths, greedy_allocation
+    from qexport.quant.plan import build_plan
+
+    if data is None:
+        raise QexportError("--bits auto --allocator greedy measures the model on calibration images: pass --data DIR")
+    plan = build_plan(folded, target, BitsConfig(8, 8), tuple(keep_float))
+    total = sum(int(folded.get_submodule(lp.name).weight.numel()) for lp in plan.layers)
+    budgets = [auto.weight_bits_avg * total] if auto.weight_bits_avg is not None else []
+    budgets += [auto.size_kb * 8192] if auto.size_kb is not None else []
+    budget = min(budgets)
+    widths = candidate_widths(budget / total)
+    res = greedy_allocation(folded, target, data[:256], budget, widths=widths, keep_float=keep_float, quiet=quiet)
+    layers = {lp.name: (res["widths"][lp.name], 8 if lp.input_point else None) for lp in plan.layers}
+    bits = sum(int(folded.get_submodule(n).weight.numel()) * w for n, (w, _) in layers.items())
+    alloc = {"layers": layers}
+    info = {"allocator": "greedy", "candidate_widths": list(widths), "mean_weight_bits": bits / total,
+            "weight_kb": bits / 8192, "mean_act_bits": 8.0, "measured_loss": res["loss"], "rounds": res["rounds"],
+            "layers": {n: f"w{w}a{a if a else 32}" for n, (w, a) in layers.items()},
+            "budget": {"weight_bits_avg": auto.weight_bits_avg, "size_kb": auto.size_kb, "act_bits_avg": None}}
+    return bits_config(alloc), info
