@@ -101,7 +101,6 @@ def run_fp32(args, sets) -> dict:
 def run_qat(name: str, args, sets) -> dict:
     """Calibrate with ste or alignq through the pipeline; QuantSim top-1 on every set."""
     from qexport.calibrate import CalibrateConfig, calibrate
-    from qexport.recipe import QuantRecipe
 
     method, bits, extra = RUNS[name]
     out = args.out / name

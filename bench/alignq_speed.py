@@ -124,7 +124,7 @@ def main() -> int:
             for k, s in stats.items():
                 results[f"{k}/{target}"][f"p50_ms_b{b}"] = s.p50_ms
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
-    print(f"| engine | agreement with QuantSim | p50 batch 1 (ms) | vs uniform | p50 batch 64 (ms) | vs uniform |")
+    print("| engine | agreement with QuantSim | p50 batch 1 (ms) | vs uniform | p50 batch 64 (ms) | vs uniform |")
     print("|---|---|---|---|---|---|")
     for key, r in results.items():
         uni = results[f"uniform/{key.split('/')[1]}"]

@@ -56,7 +56,7 @@ def main() -> int:
     pred = predict(sim, x_ev)
     top1, agree = 100 * (pred == y_ev).float().mean().item(), 100 * (pred == ref).float().mean().item()
     fp = 100 * (ref == y_ev).float().mean().item()
-    print(json.dumps({"depth": args.depth, "bits": args.bits, "opts": opts, "mse_only": args.mse_only,
+    print(json.dumps({"depth": args.depth, "bits": args.bits, "opts": args.opt, "mse_only": args.mse_only,
                       "fp32": round(fp, 2), "top1": round(top1, 2), "agree": round(agree, 2),
                       "seconds": round(secs, 1), "cpu_seconds": round(cpu_seconds(), 1)}), flush=True)
     return 0

@@ -194,7 +194,7 @@ def main() -> int:
         tmp.write_text(json.dumps(results, indent=1, default=str))
         os.replace(tmp, path)
     ref = results.get("fp32", {}).get("test_top1")
-    print(f"\n| run | test-dev top-1 | drop vs fine-tuned FP32 | steps | engine agreement |\n|---|---|---|---|---|")
+    print("\n| run | test-dev top-1 | drop vs fine-tuned FP32 | steps | engine agreement |\n|---|---|---|---|---|")
     for name in runs:
         r = results[name]
         drop = f"{ref - r['test_top1']:.2f}" if ref is not None and name != "fp32" else "-"

@@ -39,7 +39,6 @@ THROUGHPUT_BATCH = {"resnet18": 8, "resnet20": 64}
 
 
 def _gemm_model(m: int, k: int, n: int, integer: bool):
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)

@@ -18,6 +18,7 @@ a config classmethod), passed through ``--options FILE.json`` like a user's. For
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -36,7 +37,7 @@ METHODS = list_calibrators()
 TARGETS = list_runtimes()
 
 
-def _calibrate(qx, tmp_path, info, target, images) -> "Path":  # noqa: F821
+def _calibrate(qx, tmp_path, info, target, images) -> Path:
     opts = tmp_path / "contract_options.json"
     opts.write_text(json.dumps({k: list(v) if isinstance(v, tuple) else v
                                 for k, v in info.contract_options.items()}))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import assert_user_error, run_in_fresh_process, sigint_at_step, write_png_folder
+from conftest import assert_user_error, run_in_fresh_process, sigint_at_step
 from qexport.data.synthesize import SynthConfig
 from qexport.training.synthesis_run import synthesize_folder
 from qexport.errors import QexportError

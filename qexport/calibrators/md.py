@@ -28,7 +28,6 @@ widths: MD-softmax-s over every integer of the grid unless ``levels`` says other
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -36,7 +35,6 @@ import torch
 import torch.nn as nn
 
 from qexport.calibrators import register_calibrator
-from qexport.calibrators.base import weight_mse_scale
 from qexport.calibrators.qat import QATConfig, run_qat
 from qexport.calibrators.ste import SteMethod
 from qexport.errors import QexportError

@@ -144,7 +144,6 @@ def run_compare(cfg: CompareConfig) -> tuple[list[dict], Path]:
     Returns:
         (one row per method x width x target, the output folder).
     """
-    from qexport.compare.cell import run_cell
     from qexport.compare.report import write_outputs
 
     validate(cfg)

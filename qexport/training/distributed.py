@@ -76,7 +76,7 @@ def init_from_env(device: str) -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo(device=device)
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
     if device.startswith("cuda"):
         if torch.cuda.device_count() <= local:
             raise QexportError(f"local rank {local} has no GPU ({torch.cuda.device_count()} visible); start at most "
