@@ -21,7 +21,7 @@ sys.path.insert(0, str(REPO / "bench"))
 from mixed_precision import heldout_training, random_allocation  # noqa: E402
 
 from qexport.data import load_tensor  # noqa: E402
-from qexport.mixed.greedy import _MixedModel, _quantized_weights, greedy_allocation  # noqa: E402
+from qexport.mixed.greedy import MixedWidthModel, fake_quantized_weights, greedy_allocation  # noqa: E402
 from qexport.mixed.sensitivity import output_loss  # noqa: E402
 from qexport.models import fold_batchnorm, load_model  # noqa: E402
 from qexport.shared import cifar_checkpoint, cifar_images  # noqa: E402
@@ -36,10 +36,10 @@ def main() -> int:
     folded, pre = fold_batchnorm(loaded.model), loaded.preprocess
     x_cal = load_tensor(train, pre, num_samples=512, seed=0)[0][:256]
     x_held, y_held = heldout_training(train, pre, 512, 2000)
-    quantized = _quantized_weights(folded, "onnxruntime", (4, 5, 6, 8), ())
+    quantized = fake_quantized_weights(folded, "onnxruntime", (4, 5, 6, 8), ())
     numel = {n: t.numel() for n, t in quantized[4].items()}
     total = sum(numel.values())
-    cal, held = _MixedModel(folded, quantized, x_cal, "kl", 128), _MixedModel(folded, quantized, x_held, "kl", 500)
+    cal, held = MixedWidthModel(folded, quantized, x_cal, "kl", 128), MixedWidthModel(folded, quantized, x_held, "kl", 500)
     allocs = {f"uniform {b}": {n: b for n in numel} for b in (4, 5, 6, 8)}
     allocs["greedy 4.5"] = greedy_allocation(folded, "onnxruntime", x_cal, 4.5 * total, quiet=True)["widths"]
     allocs.update({f"random 4.5 seed {s}": random_allocation(numel, 4.5, s) for s in range(3)})
@@ -49,7 +49,7 @@ def main() -> int:
         for n, w in alloc.items():
             cal.set(n, w)
             held.set(n, w)
-        out_cal, out_held = cal._run(), held._run()
+        out_cal, out_held = cal.logits(), held.logits()
         agree = lambda m, o: 100 * float((o.argmax(1) == m.ref.argmax(1)).double().mean())  # noqa: E731
         print(f"| {name} | {sum(numel[n] * w for n, w in alloc.items()) / total:.3f} | "
               f"{output_loss(cal.ref, out_cal, 'kl'):.4f} | {output_loss(held.ref, out_held, 'kl'):.4f} | "

@@ -128,6 +128,12 @@ def _engine(recipe: Path, args) -> dict:
     return {k: acc.get(k) for k in ("engine_top1", "quantsim_top1", "engine_vs_quantsim_agreement", "fp32_top1")}
 
 
+def _save(path: Path, results: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1, default=str))
+    os.replace(tmp, path)
+
+
 def _reference(args) -> dict:
     """The fp32 run of an alignq_shift results file, when its test-dev set and training settings match ours."""
     ref = json.loads(args.reference.read_text()).get("fp32")
@@ -183,16 +189,12 @@ def main() -> int:
         res.update({"wall_seconds": round(time.time() - t0, 1), "budget": args.budget, "epochs": args.epochs,
                     "seed": args.seed, "threads": args.threads, "curve": curve})
         results[name] = res
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(results, indent=1, default=str))
-        os.replace(tmp, path)
+        _save(path, results)
         print(f"{name}: test-dev top-1 {res['test_top1']:.2f} % ({res['wall_seconds']:.0f} s)", flush=True)
     if args.reference is not None and "fp32" not in results:  # read at the end: it may finish after our start
         results["fp32"] = _reference(args)
         runs = ["fp32"] + [r for r in runs if r != "fp32"]
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(results, indent=1, default=str))
-        os.replace(tmp, path)
+        _save(path, results)
     ref = results.get("fp32", {}).get("test_top1")
     print("\n| run | test-dev top-1 | drop vs fine-tuned FP32 | steps | engine agreement |\n|---|---|---|---|---|")
     for name in runs:

@@ -62,6 +62,25 @@ class AutoBitsConfig:
                                "--sensitivity table; drop one of the two")
 
 
+def weight_budgets(weight_bits_avg: float | None, size_kb: float | None, total: int) -> list[tuple[float, str]]:
+    """The weight budgets given, in integer weight bits, each with the flag that set it (the tighter one holds).
+
+    Args:
+        weight_bits_avg: mean weight bits, or None.
+        size_kb: integer weights in KB, or None.
+        total: weight count of the quantized layers.
+
+    Returns:
+        [(bits, flag)].
+    """
+    out = []
+    if weight_bits_avg is not None:
+        out.append((weight_bits_avg * total, f"--weight-bits-avg {weight_bits_avg:g}"))
+    if size_kb is not None:
+        out.append((size_kb * 1024 * 8, f"--size-kb {size_kb:g}"))
+    return out
+
+
 def knapsack(items: list[list[tuple[float, float, int]]], budget: float) -> list[int] | None:
     """Multiple-choice knapsack: one choice per item, total cost <= budget, least total loss.
 
@@ -145,11 +164,7 @@ def allocate(table: dict, *, weight_bits_avg: float | None = None, size_kb: floa
     widths = [parse_width(t, "sensitivity table") for t in labels]
     rows = sorted(table["layers"], key=lambda r: r["layer"])
     total_w = sum(r["weights"] for r in rows)
-    budgets = []
-    if weight_bits_avg is not None:
-        budgets.append((weight_bits_avg * total_w, f"--weight-bits-avg {weight_bits_avg:g}"))
-    if size_kb is not None:
-        budgets.append((size_kb * 1024 * 8, f"--size-kb {size_kb:g}"))
+    budgets = weight_budgets(weight_bits_avg, size_kb, total_w)
     w_items = [[(r["weights"] * b, loss, b) for b, loss in sorted(_choices(r, "weight", widths, labels).items())]
                for r in rows]
     w_pick = [8] * len(rows)
@@ -267,9 +282,7 @@ def _greedy_for_run(auto: AutoBitsConfig, folded, target: str, data, keep_float:
         raise QexportError("--bits auto --allocator greedy measures the model on calibration images: pass --data DIR")
     plan = build_plan(folded, target, BitsConfig(8, 8), tuple(keep_float))
     total = sum(int(folded.get_submodule(lp.name).weight.numel()) for lp in plan.layers)
-    budgets = [auto.weight_bits_avg * total] if auto.weight_bits_avg is not None else []
-    budgets += [auto.size_kb * 8192] if auto.size_kb is not None else []
-    budget = min(budgets)
+    budget, _ = min(weight_budgets(auto.weight_bits_avg, auto.size_kb, total))
     widths = candidate_widths(budget / total)
     res = greedy_allocation(folded, target, data[:256], budget, widths=widths, keep_float=keep_float, quiet=quiet)
     layers = {lp.name: (res["widths"][lp.name], 8 if lp.input_point else None) for lp in plan.layers}

@@ -22,7 +22,7 @@ import torch
 
 from qexport.calibrators.base import set_weight_scales
 from qexport.errors import QexportError
-from qexport.mixed.sensitivity import output_loss
+from qexport.mixed.sensitivity import batched_logits, output_loss
 from qexport.progress import progress_bar
 from qexport.quant.plan import build_plan
 from qexport.quant.quantsim import QuantSim
@@ -42,8 +42,18 @@ def candidate_widths(budget_bits_avg: float) -> tuple[int, ...]:
     return tuple(sorted({low, min(low + 1, 8), min(low + 2, 8), 8}))
 
 
-def _quantized_weights(folded, target: str, widths, keep_float) -> dict[int, dict[str, torch.Tensor]]:
-    """width -> layer -> fake-quantized weight (per-channel mse scales, as the ``mse`` calibrator sets them)."""
+def fake_quantized_weights(folded, target: str, widths, keep_float) -> dict[int, dict[str, torch.Tensor]]:
+    """Every layer's fake-quantized weight at every width (per-channel mse scales, as ``mse`` sets them).
+
+    Args:
+        folded: the BN-folded float model.
+        target: plan target.
+        widths: weight widths.
+        keep_float: layers left in float.
+
+    Returns:
+        width -> layer -> weight.
+    """
     out = {}
     for w in widths:
         sim = QuantSim(folded, build_plan(folded, target, BitsConfig(w, None), tuple(keep_float)))
@@ -53,26 +63,25 @@ def _quantized_weights(folded, target: str, widths, keep_float) -> dict[int, dic
     return out
 
 
-class _MixedModel:
-    """The float model with each layer's weight replaced by its fake-quantized weight at the current width."""
+class MixedWidthModel:
+    """The float model with each layer's weight replaced by its fake-quantized weight at the width ``set`` chose;
+    ``loss()`` is the output loss against the float model on ``data``."""
 
     def __init__(self, folded, quantized: dict[int, dict[str, torch.Tensor]], data: torch.Tensor, metric: str,
                  batch_size: int):
         self.model = copy.deepcopy(folded).eval()
         self.quantized, self.data, self.metric, self.batch_size = quantized, data, metric, batch_size
-        self.ref = self._run()
+        self.ref = self.logits()
 
-    def _run(self) -> torch.Tensor:
-        with torch.no_grad():
-            return torch.cat([self.model(self.data[i : i + self.batch_size])
-                              for i in range(0, len(self.data), self.batch_size)])
+    def logits(self) -> torch.Tensor:
+        return batched_logits(self.model, self.data, self.batch_size)
 
     def set(self, layer: str, width: int) -> None:
         with torch.no_grad():
             self.model.get_submodule(layer).weight.copy_(self.quantized[width][layer])
 
     def loss(self) -> float:
-        return output_loss(self.ref, self._run(), self.metric)
+        return output_loss(self.ref, self.logits(), self.metric)
 
 
 def greedy_allocation(folded, target: str, data: torch.Tensor, budget_bits: float, *,
@@ -99,7 +108,7 @@ def greedy_allocation(folded, target: str, data: torch.Tensor, budget_bits: floa
         QexportError: the budget is below every layer at the lowest width (the message gives that minimum).
     """
     widths = tuple(sorted(set(widths)))
-    quantized = _quantized_weights(folded, target, widths, keep_float)
+    quantized = fake_quantized_weights(folded, target, widths, keep_float)
     numel = {n: int(w.numel()) for n, w in quantized[widths[0]].items()}
     cur = {n: widths[0] for n in numel}
     spent = sum(numel[n] * widths[0] for n in numel)
@@ -107,7 +116,7 @@ def greedy_allocation(folded, target: str, data: torch.Tensor, budget_bits: floa
         total = sum(numel.values())
         raise QexportError(f"the weight budget is below every layer at {widths[0]} bits ({spent / total:.2f} mean "
                            f"weight bits, {spent / 8192:.2f} KB); raise the budget")
-    mixed = _MixedModel(folded, quantized, data, metric, batch_size)
+    mixed = MixedWidthModel(folded, quantized, data, metric, batch_size)
     for n, w in cur.items():
         mixed.set(n, w)
     with progress_bar(None, "greedy widths", quiet) as bar:
@@ -115,7 +124,7 @@ def greedy_allocation(folded, target: str, data: torch.Tensor, budget_bits: floa
     return {"widths": cur, "loss": loss, "rounds": rounds, "evaluations": evals}
 
 
-def _lazy_greedy(mixed: _MixedModel, numel: dict[str, int], widths: tuple[int, ...], cur: dict[str, int],
+def _lazy_greedy(mixed: MixedWidthModel, numel: dict[str, int], widths: tuple[int, ...], cur: dict[str, int],
                  room: float, bar) -> tuple[float, list[dict], int]:
     """Raise layers of ``mixed`` (``cur`` is updated in place) while ``room`` bits last and a raise helps.
 

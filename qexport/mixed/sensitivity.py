@@ -48,7 +48,8 @@ def output_loss(ref: torch.Tensor, out: torch.Tensor, metric: str) -> float:
     return float(((out.double() - ref.double()) ** 2).mean())
 
 
-def _run(model, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+def batched_logits(model, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """``model(x)`` without gradients, ``batch_size`` images at a time."""
     with torch.no_grad():
         return torch.cat([model(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)])
 
@@ -87,7 +88,7 @@ class _Probe:
                 for name, aq in aqs.items():  # points sharing this one's scale move with it
                     if name == point or self.plan.activation(name).share_scale_with == point:
                         aq.enabled = True
-            return _run(self.sim, x, self.batch_size)
+            return batched_logits(self.sim, x, self.batch_size)
 
 
 def measure_sensitivity(folded, target: str, widths: list[tuple[int, int | None]], data: torch.Tensor, *,
@@ -115,8 +116,8 @@ def measure_sensitivity(folded, target: str, widths: list[tuple[int, int | None]
     if metric not in METRICS:
         raise QexportError(f"--metric {metric!r} is not one of {', '.join(METRICS)}")
     folded = folded.eval()
-    ref = _run(folded, data, batch_size)
-    ref_ho = _run(folded, heldout[0], batch_size) if heldout is not None else None
+    ref = batched_logits(folded, data, batch_size)
+    ref_ho = batched_logits(folded, heldout[0], batch_size) if heldout is not None else None
     rows: dict[str, dict] = {}
     probes = [(w, a, _Probe(folded, target, w, a, data, keep_float, seed, batch_size)) for w, a in widths]
     plan = probes[0][2].plan
@@ -162,7 +163,7 @@ def _input_elements(sim: QuantSim, x: torch.Tensor) -> dict[str, int]:
         handles.append(aq.register_forward_hook(lambda m, i, o, name=name: sizes.__setitem__(name, i[0][0].numel())))
     try:
         with sim.quant_disabled():
-            _run(sim, x, 1)
+            batched_logits(sim, x, 1)
     finally:
         for h in handles:
             h.remove()
