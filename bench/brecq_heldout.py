@@ -4,6 +4,7 @@ Calibrate ResNet-20/32 with ``brecq`` on the pipeline's seeded subset of ``--num
 measure the QuantSim on ``--eval-samples`` other training images: top-1 and agreement with FP32 top-1.
 
     python bench/brecq_heldout.py --bits w4a4 --opt iters=2000 --opt act_iters=1000
+    python bench/brecq_heldout.py --bits w3a3 --first-last-bits 8 --opt time_budget=7m --opt drop_prob=0.5
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-samples", type=int, default=2000)
     ap.add_argument("--opt", action="append", default=[], help="brecq option key=value (repeatable)")
+    ap.add_argument("--first-last-bits", type=int, default=None, help="width of the first and last layer")
     ap.add_argument("--mse-only", action="store_true", help="measure the mse init only")
     ap.add_argument("--verbose", action="store_true", help="progress bars")
     args = ap.parse_args()
@@ -41,7 +43,8 @@ def main() -> int:
     m, x_cal, x_ev, y_ev = split
     folded = fold_batchnorm(m.model).eval()
     ref = predict(folded, x_ev)
-    sim = QuantSim(folded, build_plan(folded, "onnxruntime", BitsConfig.parse(args.bits, None), ())).eval()
+    bits = BitsConfig.parse(args.bits, args.first_last_bits)
+    sim = QuantSim(folded, build_plan(folded, "onnxruntime", bits, ())).eval()
     cfg = BrecqConfig(**method_options(BrecqConfig, args.opt, "bench --opt"))
     t0 = time.time()
     if args.mse_only:
@@ -56,7 +59,8 @@ def main() -> int:
     pred = predict(sim, x_ev)
     top1, agree = 100 * (pred == y_ev).float().mean().item(), 100 * (pred == ref).float().mean().item()
     fp = 100 * (ref == y_ev).float().mean().item()
-    print(json.dumps({"depth": args.depth, "bits": args.bits, "opts": args.opt, "mse_only": args.mse_only,
+    print(json.dumps({"depth": args.depth, "bits": args.bits, "first_last_bits": args.first_last_bits,
+                      "opts": args.opt, "mse_only": args.mse_only,
                       "fp32": round(fp, 2), "top1": round(top1, 2), "agree": round(agree, 2),
                       "seconds": round(secs, 1), "cpu_seconds": round(cpu_seconds(), 1)}), flush=True)
     return 0

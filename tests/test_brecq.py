@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -122,7 +123,8 @@ def test_ctrl_c_inside_a_phase_finishes_the_step_then_resumes_bit_identically(tm
 
 
 @pytest.mark.parametrize("opts,fragment", [({"iters": 0}, "--iters"), ({"loss": "kl"}, "--loss"),
-                                           ({"time_budget": "soon"}, "--time-budget")])
+                                           ({"time_budget": "soon"}, "--time-budget"),
+                                           ({"drop_prob": 1.0}, "--drop-prob"), ({"drop_prob": -0.1}, "--drop-prob")])
 def test_bad_options(opts, fragment):
     with pytest.raises(QexportError, match=fragment):
         BrecqConfig(**opts)
@@ -163,3 +165,35 @@ def test_fisher_weighted_loss_runs_and_stays_on_the_grid():
     for layer in ctx.sim.layers().values():
         s = layer.weight_quantizer.scale.detach().view(-1, *[1] * (layer.weight.dim() - 1))
         assert torch.equal(layer.int_weight().float() * s, layer.weight.detach())
+
+
+def test_qdrop_mixes_float_and_quantized_activations_only_while_entered():
+    from qexport.calibrators.brecq import _block_quantizers
+    from qexport.calibrators.brecq_core import ActivationDrop
+
+    ctx = _ctx(n=16)
+    calibrate_brecq(ctx, BrecqConfig(iters=1, act_iters=0, batch_size=16))  # scales set
+    sim, aq = ctx.sim, next(iter(ctx.sim.act_quantizers().values()))
+    x = ctx.data
+    quantized = aq(x)
+    with ActivationDrop([aq], 0.5, seed=3):
+        mixed = aq(x)
+    floats = (mixed == x) & (quantized != x)
+    assert 0.4 < float(floats.sum()) / float((quantized != x).sum()) < 0.6  # about half the elements kept float
+    assert torch.equal(mixed[~floats], quantized[~floats])
+    assert torch.equal(aq(x), quantized)  # the hooks are gone on exit
+    block = find_blocks(sim.gm, set(sim.layers()))[1]
+    assert len(_block_quantizers(sim, block, False)) >= len(_block_quantizers(sim, block)) > 0
+
+
+def test_qdrop_reconstruction_stays_on_the_grid_and_differs_from_brecq():
+    plain, dropped = _ctx(), _ctx()
+    calibrate_brecq(plain, FAST)
+    metrics = calibrate_brecq(dropped, dataclasses.replace(FAST, drop_prob=0.5))
+    assert all(b["final_error"] <= b["rtn_error"] for b in metrics["block_metrics"])  # never worse than nearest
+    differs = False
+    for name, layer in dropped.sim.layers().items():
+        s = layer.weight_quantizer.scale.detach().view(-1, *[1] * (layer.weight.dim() - 1))
+        assert torch.equal(layer.int_weight().float() * s, layer.weight.detach())
+        differs |= not torch.equal(layer.int_weight(), plain.sim.layers()[name].int_weight())
+    assert differs  # the drop changes what the rounding learns

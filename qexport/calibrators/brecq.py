@@ -13,6 +13,10 @@ block, on the calibration images (real or synthetic):
 3. hard rounding: the integer levels are set (exactly on the grid; the per-channel weight scales are unchanged);
 4. the block's activation step sizes are learned (LSQ-style straight-through gradients, cosine lr).
 
+``drop_prob`` > 0 adds QDrop (Wei et al., 2022) to both phases: each activation element inside the block keeps
+its float value with that probability (fresh seeded masks every step), so the rounding is not fitted to one
+activation rounding pattern; the block errors that decide what is kept are measured without it.
+
 The weight and activation quantizers are the plan's (per-channel symmetric weights, per-tensor activations,
 any widths of ``--bits``), so the recipe exports and runs in an INT8 engine like every other method's.
 
@@ -41,7 +45,8 @@ from qexport.calibrators import register_calibrator
 from qexport.duration import parse_duration
 from qexport.calibrators.base import CalibrationContext, calibrate_activations, set_weight_scales
 from qexport.calibrators.blocks import Block, block_module, find_blocks, layer_macs
-from qexport.calibrators.brecq_core import AdaRoundWeight, RoundingPhase, StepSizePhase, recon_loss
+from qexport.calibrators.brecq_core import (ActivationDrop, AdaRoundWeight, RoundingPhase, StepSizePhase,
+                                           recon_loss)
 from qexport.errors import QexportError
 from qexport.training.loop import LoopConfig, TrainLoop
 
@@ -64,6 +69,9 @@ class BrecqConfig:
                                                        "weighted by squared output gradients)"})
     time_budget: Optional[str] = field(default=None, metadata={"help": "cap for the whole run, e.g. 15m; split "
                                                                        "over blocks by their cost"})
+    drop_prob: float = field(default=0.0, metadata={"help": "QDrop: probability that an activation element skips "
+                                                            "its quantizer during reconstruction (QDrop paper: "
+                                                            "0.5); 0 = BRECQ as published"})
 
     @classmethod
     def contract_options(cls) -> dict:
@@ -81,6 +89,8 @@ class BrecqConfig:
             raise QexportError("--lr and --act-lr must be positive and --reg-weight >= 0")
         if not 0.0 <= self.warmup < 1.0:
             raise QexportError(f"--warmup must be in [0, 1), got {self.warmup}")
+        if not 0.0 <= self.drop_prob < 1.0:
+            raise QexportError(f"--drop-prob must be in [0, 1), got {self.drop_prob}")
         if self.loss not in ("mse", "fisher"):
             raise QexportError(f"--loss must be 'mse' or 'fisher' for brecq, got {self.loss!r}")
         budget = parse_duration(self.time_budget)
@@ -153,9 +163,10 @@ def _run_phase(phase, n: int, desc: str, quiet: bool) -> dict:
     return loop.run()[-1]
 
 
-def _block_quantizers(sim, block: Block) -> list:
+def _block_quantizers(sim, block: Block, learnable_only: bool = True) -> list:
+    """The block's activation quantizers (``learnable_only``: without those that share another point's scale)."""
     aqs = sim.act_quantizers()
-    shared = {ap.name for ap in sim.plan.activations if ap.share_scale_with}
+    shared = {ap.name for ap in sim.plan.activations if ap.share_scale_with} if learnable_only else set()
     names = [n.target[3:] for n in block.nodes if n.op == "call_module" and str(n.target).startswith("qx_")]
     return [aqs[name] for name in names if name in aqs and name not in shared]
 
@@ -174,10 +185,11 @@ def _learn_rounding(sim, mod, block: Block, xq, yf, fisher, cfg: BrecqConfig, se
     try:
         phase = RoundingPhase(mod, xq, yf, fisher, rounders, lr=cfg.lr, total=cfg.iters, batch_size=cfg.batch_size,
                               seed=seed, lam=cfg.reg_weight, warmup=cfg.warmup)
-        n_round = _iters_for(phase, cfg.iters, seconds)
-        t0 = time.perf_counter()
-        _run_phase(phase, n_round, f"{label} rounding", quiet)
-        used = time.perf_counter() - t0
+        with ActivationDrop(_block_quantizers(sim, block, False), cfg.drop_prob, seed + 7):
+            n_round = _iters_for(phase, cfg.iters, seconds)
+            t0 = time.perf_counter()
+            _run_phase(phase, n_round, f"{label} rounding", quiet)
+            used = time.perf_counter() - t0
     finally:
         for name, layer in layers.items():
             r = layer.weight_quantizer
@@ -230,10 +242,11 @@ def reconstruct_block(sim, mod, block: Block, xq, yf, fisher, cfg: BrecqConfig, 
             p.requires_grad_(True)
         step = StepSizePhase(mod, xq, yf, fisher, scales, lr=cfg.act_lr, total=act_iters,
                              batch_size=cfg.batch_size, seed=seed + 1, sync=sim.apply_shared_scales)
-        n_act = _iters_for(step, act_iters, None if seconds is None else max(seconds - used, 0.0))
-        t0 = time.perf_counter()
-        _run_phase(step, n_act, f"{label} act steps", quiet)
-        used += time.perf_counter() - t0
+        with ActivationDrop(_block_quantizers(sim, block, False), cfg.drop_prob, seed + 8):
+            n_act = _iters_for(step, act_iters, None if seconds is None else max(seconds - used, 0.0))
+            t0 = time.perf_counter()
+            _run_phase(step, n_act, f"{label} act steps", quiet)
+            used += time.perf_counter() - t0
         for p in scales:
             p.requires_grad_(False)
         final = block_error(mod, xq, yf)

@@ -191,6 +191,37 @@ class StepSizePhase(_Phase):
             self.sync()
 
 
+class ActivationDrop:
+    """QDrop (Wei et al., ICLR 2022): while entered, each element leaving one of ``quantizers`` keeps its float
+    value with probability ``prob`` instead of its fake-quantized one, so the weights are fitted to a mix of both
+    and do not overfit one activation rounding pattern. Seeded; a no-op at ``prob`` 0.
+
+    Args:
+        quantizers: the activation quantizer modules of the block.
+        prob: drop probability per element.
+        seed: seed of the masks.
+    """
+
+    def __init__(self, quantizers: list[nn.Module], prob: float, seed: int):
+        self.quantizers, self.prob = quantizers, prob
+        self.gen = torch.Generator().manual_seed(seed)
+        self.handles: list = []
+
+    def _hook(self, module, inputs, output):
+        keep_float = torch.rand(output.shape, generator=self.gen) < self.prob
+        return torch.where(keep_float.to(output.device), inputs[0], output)
+
+    def __enter__(self) -> "ActivationDrop":
+        if self.prob > 0:
+            self.handles = [q.register_forward_hook(self._hook) for q in self.quantizers]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
 def soft_rounding_fraction(rounders: list[AdaRoundWeight]) -> float:
     """Share of offsets not yet within 1e-3 of 0 or 1 (how far the regulariser still has to push)."""
     tot = sum(r.v.numel() for r in rounders)

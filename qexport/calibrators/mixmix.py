@@ -39,6 +39,7 @@ class MixMixConfig:
     act_iters: int = field(default=BrecqConfig.act_iters, metadata={"help": "brecq step-size iterations per block"})
     batch_size: int = field(default=BrecqConfig.batch_size, metadata={"help": "brecq images per step"})
     loss: str = field(default="mse", metadata={"help": "brecq block loss: 'mse' or 'fisher'"})
+    drop_prob: float = field(default=BrecqConfig.drop_prob, metadata={"help": "brecq's QDrop probability (0: off)"})
     time_budget: Optional[str] = field(default=None, metadata={"help": "cap for synthesis and reconstruction "
                                                                        "together, e.g. 30m"})
     synth_share: float = field(default=0.5, metadata={"help": "share of time_budget given to synthesis"})
@@ -65,6 +66,7 @@ class MixMixConfig:
     def brecq_config(self, seconds: float | None) -> BrecqConfig:
         """The reconstruction half's options (``seconds``: its time cap)."""
         return BrecqConfig(iters=self.iters, act_iters=self.act_iters, batch_size=self.batch_size, loss=self.loss,
+                           drop_prob=self.drop_prob,
                            time_budget=None if seconds is None else f"{max(seconds, 1.0):.3f}")
 
 
