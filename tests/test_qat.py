@@ -151,7 +151,7 @@ def test_md_anneals_and_soft_weights_approach_levels(labelled, bits, levels):
     assert set(method.md) == {"conv2", "conv3"}  # first and last stay 8-bit (ste)
     m0 = method.md["conv2"]
     assert m0.levels == levels and m0.kind == "tanh"
-    gap0 = float((m0.soft() - m0.codes()).abs().mean())
+    gap0 = float((m0.soft() - m0.codes()).abs().mean().detach())
     g = torch.Generator().manual_seed(0)
     order = qat_data.epoch_order(task.split, 0, 0)
     betas, gaps = [], []
