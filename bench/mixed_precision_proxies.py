@@ -35,6 +35,11 @@ from qexport.models import fold_batchnorm, load_model  # noqa: E402
 from qexport.shared import cifar_checkpoint, cifar_images  # noqa: E402
 
 
+def top1(logits, labels) -> float:
+    """Top-1 in percent of ``logits`` against ``labels``."""
+    return 100 * float((logits.argmax(1) == labels).double().mean())
+
+
 def per_layer_table(folded, quantized: dict, x_held, y_held, widths: list[int]) -> None:
     """Print held-out top-1 and logit MSE with one layer at a time fake-quantized at each width, the rest float.
 
@@ -49,13 +54,13 @@ def per_layer_table(folded, quantized: dict, x_held, y_held, widths: list[int]) 
     original = {n: folded.get_submodule(n).weight.detach().clone() for n in quantized[widths[0]]}
     print("| layer | " + " | ".join(f"top-1 / logit MSE at {w} bits" for w in widths) + " |")
     print("|---|" + "---|" * len(widths))
-    print(f"| none (float) | {100 * float((model.ref.argmax(1) == y_held).double().mean()):.2f} |")
+    print(f"| none (float) | {top1(model.ref, y_held):.2f} |")
     for name, weight in original.items():
         cells = []
         for w in widths:
             model.set(name, w)
             out = model.logits()
-            cells.append(f"{100 * float((out.argmax(1) == y_held).double().mean()):.2f} / "
+            cells.append(f"{top1(out, y_held):.2f} / "
                          f"{float(((out - model.ref) ** 2).mean()):.4f}")
             with torch.no_grad():
                 model.model.get_submodule(name).weight.copy_(weight)
@@ -76,7 +81,6 @@ def main(argv: list[str] | None = None) -> int:
     x_held, y_held = heldout_training(train, pre, 512, 2000)
     if args.per_layer:
         widths = [int(w) for w in args.per_layer.split(",")]
-        x_held, y_held = heldout_training(train, pre, 512, 2000)
         per_layer_table(folded, fake_quantized_weights(folded, "onnxruntime", widths, ()), x_held, y_held, widths)
         return 0
     quantized = fake_quantized_weights(folded, "onnxruntime", (4, 5, 6, 8), ())
@@ -93,11 +97,11 @@ def main(argv: list[str] | None = None) -> int:
             cal.set(n, w)
             held.set(n, w)
         out_cal, out_held = cal.logits(), held.logits()
-        agree = lambda m, o: 100 * float((o.argmax(1) == m.ref.argmax(1)).double().mean())  # noqa: E731
+        agree = lambda m, o: top1(o, m.ref.argmax(1))  # noqa: E731
         print(f"| {name} | {sum(numel[n] * w for n, w in alloc.items()) / total:.3f} | "
               f"{output_loss(cal.ref, out_cal, 'kl'):.4f} | {output_loss(held.ref, out_held, 'kl'):.4f} | "
               f"{output_loss(cal.ref, out_cal, 'mse'):.3f} | {agree(cal, out_cal):.2f} | {agree(held, out_held):.2f} | "
-              f"{100 * float((out_held.argmax(1) == y_held).double().mean()):.2f} |", flush=True)
+              f"{top1(out_held, y_held):.2f} |", flush=True)
     return 0
 
 
