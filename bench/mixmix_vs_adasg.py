@@ -5,11 +5,12 @@ Two comparisons, each a grid of cells run one after the other in this process; e
 so a rerun with the same ``--out`` skips the cells already done (an interrupted comparison resumes).
 
     python bench/mixmix_vs_adasg.py --budget 30m --seeds 0,1             # mixmix (zoo R20+R32) vs AdaSG
-    python bench/mixmix_vs_adasg.py --sources --synth-budget 10m --brecq-budget 10m   # zoo vs bns vs real
+    python bench/mixmix_vs_adasg.py --sources --synth-budget 10m --brecq-budget 10m   # zoo vs bns vs adasg vs real
 
-``--sources``: the same brecq run (same budget and seed) on three calibration sets: images synthesized by the
-zoo (ResNet-20 + ResNet-32, mixmix mode), by ResNet-20 alone (bns mode), both with the same synthesis budget,
-and 1,024 real training images (the paper's appendix C claim: the zoo closes most of the gap to real data).
+``--sources``: the same brecq run (same budget and seed) on four calibration sets: images synthesized by the
+zoo (ResNet-20 + ResNet-32, mixmix mode), by ResNet-20 alone (bns mode), by the generator of an AdaSG run
+(``--save-synthetic``), all three with the same synthesis budget, and 1,024 real training images (the paper's
+appendix C claim: the zoo closes most of the gap to real data). The AdaSG cell's time is both of its stages.
 No cell reads a real image for calibration except ``real``; test-dev is only read by verify at the end.
 Prints one JSON line per cell and a table at the end.
 """
@@ -56,8 +57,19 @@ def cells(args) -> list[dict]:
              "options": {"zoo": (zoo,), **both}},
             {"name": "bns (R20 alone)", "method": "mixmix", "seed": seed, "data": None,
              "options": {"synth_mode": "bns", **both}},
+            {"name": "adasg generator (R20)", "method": "brecq", "seed": seed, "data": None,
+             "options": {"time_budget": args.brecq_budget},
+             "images_from": {"method": "adasg", "options": {"time_budget": args.synth_budget,
+                                                             "save_synthetic": 1024}}},
             {"name": "real (1,024 training images)", "method": "brecq", "seed": seed,
              "data": str(cifar_images("train")), "options": {"time_budget": args.brecq_budget}}]
+
+
+def _calibrate(ckpt: Path, output: Path, method: str, data, seed: int, options: dict, args) -> Path:
+    """One ``calibrate`` of ResNet-20 at ``args.bits`` on 1,024 images of ``data`` (None: data-free)."""
+    return calibrate(CalibrateConfig(model="cifar:resnet20", weights=str(ckpt), output=output, method=method,
+                                     bits=args.bits, data=None if data is None else str(data), num_samples=1024,
+                                     seed=seed, options=options, quiet=not args.progress, force=True))
 
 
 def run_cell(cell: dict, run: Path, args) -> dict:
@@ -65,10 +77,12 @@ def run_cell(cell: dict, run: Path, args) -> dict:
     same four steps but neither times the calibration alone in CPU seconds nor sets the engine's threads.)"""
     ckpt, test = cifar_checkpoint(20), cifar_images("test-dev")
     t0, c0 = time.time(), cpu_seconds()
-    recipe = calibrate(CalibrateConfig(model="cifar:resnet20", weights=str(ckpt), output=run / "recipe",
-                                       method=cell["method"], bits=args.bits, data=cell["data"],
-                                       num_samples=1024, seed=cell["seed"], options=cell["options"],
-                                       quiet=not args.progress, force=True))
+    data = cell["data"]
+    if "images_from" in cell:  # a data-free first stage whose saved synthetic images calibrate the second
+        first = cell["images_from"]
+        data = _calibrate(ckpt, run / "images_from", first["method"], None, cell["seed"], first["options"], args)
+        data = data / "synthetic"
+    recipe = _calibrate(ckpt, run / "recipe", cell["method"], data, cell["seed"], cell["options"], args)
     secs, cpu = time.time() - t0, cpu_seconds() - c0
     qdq, _, _ = export_recipe(recipe, "onnxruntime", run / "model.onnx")
     engine = build_engine_folder(qdq, run / "engine", "onnxruntime", force=True)
@@ -94,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default="0,1", type=lambda s: [int(v) for v in s.split(",")])
     ap.add_argument("--threads", type=int, default=1, help="torch and engine threads")
     ap.add_argument("--eval-samples", type=int, default=0, help="test-dev images verified (0: all 5,000)")
+    ap.add_argument("--cells", default="", help="run only the cells whose name starts with one of these "
+                                                "(comma-separated, e.g. adasg)")
     ap.add_argument("--progress", action="store_true", help="show the calibration progress bars")
     ap.add_argument("--out", type=Path, default=None, help="results folder (default bench_out/mixmix_vs_adasg"
                                                            "[_sources])")
@@ -106,7 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results_file = out / "results.json"
     done = json.loads(results_file.read_text()) if results_file.exists() else {}
+    wanted = tuple(c.strip() for c in args.cells.split(",") if c.strip())
     for i, cell in enumerate(cells(args)):
+        if wanted and not cell["name"].startswith(wanted):
+            continue
         if cell["name"] in done:
             _log(f"{cell['name']}: done before, kept")
             continue
