@@ -88,16 +88,71 @@ def calibrate(cfg: CalibrateConfig) -> Path:
     """
     from qexport.calibrators import get_calibrator
     from qexport.calibrators.base import CalibrationContext
-    from qexport.options import build_config, config_record
-    from qexport.data import ImageFolder, load_tensor
     from qexport.models import fold_batchnorm, load_model
+    from qexport.options import build_config
     from qexport.quant.plan import build_plan
     from qexport.quant.quantsim import QuantSim
-    from qexport.recipe import ModelRef, QuantRecipe
     from qexport.training.distributed import barrier, init_from_env, shutdown
 
     info = get_calibrator(cfg.method)
     method_cfg = build_config(info.config, cfg.options, f"--method {cfg.method}")
+    bits = _checked_bits(cfg, info)
+    device = resolve_device(cfg.device)
+    dist = init_from_env(device)  # under torchrun: join the group (one GPU per local rank); else rank 0 of 1
+    device, quiet = dist.device, cfg.quiet or not dist.is_main
+    torch.manual_seed(cfg.seed)
+
+    loaded = load_model(cfg.model, cfg.weights, input_size=cfg.input_size, mean=cfg.mean, std=cfg.std)
+    folded = fold_batchnorm(loaded.model)
+    plan = build_plan(folded, cfg.target, bits, tuple(cfg.keep_float))
+    data, labels, data_fp = _calibration_data(cfg, info, loaded, quiet)
+    if hasattr(method_cfg, "check_plan"):  # options that depend on the plan (e.g. md's levels vs the widths)
+        method_cfg.check_plan(plan)
+    allocation = None
+    if cfg.auto_bits is not None:
+        from qexport.mixed.allocate import allocate_for_run
+
+        bits, allocation = allocate_for_run(cfg.auto_bits, cfg.model, folded, cfg.target, data, cfg.seed,
+                                            cfg.keep_float, cfg.quiet)
+        plan = build_plan(folded, cfg.target, bits, tuple(cfg.keep_float))
+    sim = QuantSim(folded, plan)
+    work = work_dir_for(Path(cfg.output))
+    writer = dist.is_main  # under torchrun only rank 0 writes (work folder, recipe)
+    _prepare_work_dir(work, cfg, writer)
+    barrier(dist)
+    started = time.time()
+    with (atomic_dir(cfg.output, force=cfg.force) if writer else _scratch_dir()) as tmp:
+        ctx = CalibrationContext(sim=sim, folded=folded, model=loaded, data=data, labels=labels, seed=cfg.seed,
+                                 device=device, quiet=quiet, artifact_dir=tmp, work_dir=work,
+                                 resume=cfg.resume, dist=dist,
+                                 data_dir=Path(cfg.data) if info.needs_labels else None, callbacks=cfg.callbacks or Callbacks())
+        try:
+            metrics = info.fn(ctx, method_cfg) or {}
+        except QexportError:
+            if writer and work.is_dir() and not any(work.iterdir()):  # refused before any checkpoint: leave nothing
+                shutil.rmtree(work, ignore_errors=True)
+            raise
+        metrics["calibration_seconds"] = round(time.time() - started, 2)
+        if allocation is not None:
+            metrics["mixed_precision"] = allocation
+        recipe = _recipe(cfg, ctx, method_cfg, bits, metrics, (data, data_fp), labelled=info.needs_labels)
+        if writer:
+            recipe.write_files(tmp)
+    if writer:
+        shutil.rmtree(work, ignore_errors=True)
+    shutdown(dist)
+    return Path(cfg.output)
+
+
+def _checked_bits(cfg: CalibrateConfig, info) -> BitsConfig:
+    """The run's widths after the checks that need no model: budget flags, output, sample count, data flags.
+
+    Returns:
+        The uniform / per-layer widths (8/8 placeholders with ``--bits auto``, chosen later).
+
+    Raises:
+        QexportError: a flag combination or value that cannot run.
+    """
     auto = cfg.bits.strip().lower() == "auto"
     if auto and cfg.auto_bits is None:
         raise QexportError("--bits auto needs a budget: --weight-bits-avg 4.5, --size-kb 100 or --act-bits-avg 6")
@@ -111,82 +166,72 @@ def calibrate(cfg: CalibrateConfig) -> Path:
         raise QexportError(f"--method {cfg.method} needs calibration images: pass --data DIR (an image folder)")
     if not info.needs_data and cfg.data is not None:
         raise QexportError(f"--method {cfg.method} is data-free and reads no images; drop --data")
-    device = resolve_device(cfg.device)
-    dist = init_from_env(device)  # under torchrun: join the group (one GPU per local rank); else rank 0 of 1
-    device, quiet = dist.device, cfg.quiet or not dist.is_main
-    torch.manual_seed(cfg.seed)
+    return bits
 
-    loaded = load_model(cfg.model, cfg.weights, input_size=cfg.input_size, mean=cfg.mean, std=cfg.std)
-    folded = fold_batchnorm(loaded.model)
-    plan = build_plan(folded, cfg.target, bits, tuple(cfg.keep_float))
-    data = labels = None
-    data_fp = None
-    if info.needs_labels:  # QAT: the method reads the labelled folder itself (all of it, augmented)
+
+def _calibration_data(cfg: CalibrateConfig, info, loaded, quiet: bool):
+    """The calibration images and labels the method gets, and the folder's fingerprint.
+
+    QAT methods read their labelled folder themselves (all of it, augmented): only its labels are checked here.
+
+    Returns:
+        ``(images or None, labels or None, fingerprint or None)``.
+    """
+    from qexport.data import ImageFolder, load_tensor
+
+    if info.needs_labels:
         if cfg.data is None:
             raise QexportError(f"--method {cfg.method} trains on labelled images: pass --data DIR (one subfolder per class)")
         from qexport.training.qat_data import check_labelled
 
         folder = ImageFolder(cfg.data, loaded.preprocess)
         check_labelled(folder, loaded.num_classes)
-        data_fp = folder.fingerprint()
-    elif info.needs_data and cfg.data is not None:
-        folder = ImageFolder(cfg.data, loaded.preprocess)
-        count = min(cfg.num_samples, len(folder))
-        with progress_bar(count, "loading calibration images", quiet) as bar:
-            data, labels = load_tensor(folder, num_samples=cfg.num_samples, seed=cfg.seed,
-                                       progress=lambda done, total: bar.update(completed=done))
-        data_fp = folder.fingerprint()
-    if hasattr(method_cfg, "check_plan"):  # options that depend on the plan (e.g. md's levels vs the widths)
-        method_cfg.check_plan(plan)
-    allocation = None
-    if auto:
-        from qexport.mixed.allocate import allocate_for_run
+        return None, None, folder.fingerprint()
+    if not info.needs_data or cfg.data is None:
+        return None, None, None
+    folder = ImageFolder(cfg.data, loaded.preprocess)
+    count = min(cfg.num_samples, len(folder))
+    with progress_bar(count, "loading calibration images", quiet) as bar:
+        data, labels = load_tensor(folder, num_samples=cfg.num_samples, seed=cfg.seed,
+                                   progress=lambda done, total: bar.update(completed=done))
+    return data, labels, folder.fingerprint()
 
-        bits, allocation = allocate_for_run(cfg.auto_bits, cfg.model, folded, cfg.target, data, cfg.seed,
-                                            cfg.keep_float, cfg.quiet)
-        plan = build_plan(folded, cfg.target, bits, tuple(cfg.keep_float))
-    sim = QuantSim(folded, plan)
-    work = work_dir_for(Path(cfg.output))
+
+def _prepare_work_dir(work: Path, cfg: CalibrateConfig, writer: bool) -> None:
+    """Check ``--resume`` has a run to continue; a fresh run starts from an empty work folder (writer only)."""
     if cfg.resume and not work.is_dir():
         raise QexportError(f"--resume: no interrupted run found for {cfg.output} (expected {work})")
-    writer = dist.is_main  # under torchrun only rank 0 writes (work folder, recipe)
     if writer and not cfg.resume and work.is_dir():
         shutil.rmtree(work)
     if writer:
         work.mkdir(parents=True, exist_ok=True)
-    barrier(dist)
-    started = time.time()
-    out_dir = atomic_dir(cfg.output, force=cfg.force) if writer else _scratch_dir()
-    with out_dir as tmp:
-        ctx = CalibrationContext(sim=sim, folded=folded, model=loaded, data=data, labels=labels, seed=cfg.seed,
-                                 device=device, quiet=quiet, artifact_dir=tmp, work_dir=work,
-                                 resume=cfg.resume, dist=dist,
-                                 data_dir=Path(cfg.data) if info.needs_labels else None, callbacks=cfg.callbacks or Callbacks())
-        try:
-            metrics = info.fn(ctx, method_cfg) or {}
-        except QexportError:
-            if writer and work.is_dir() and not any(work.iterdir()):  # refused before any checkpoint: leave nothing
-                shutil.rmtree(work, ignore_errors=True)
-            raise
-        sim = ctx.sim.cpu().eval()
-        metrics["calibration_seconds"] = round(time.time() - started, 2)
-        if allocation is not None:
-            metrics["mixed_precision"] = allocation
-        ref = ModelRef(cfg.model, tuple(loaded.input_shape), loaded.preprocess.to_dict(), loaded.num_classes,
-                       str(cfg.weights) if cfg.weights else None, loaded.weights_sha256)
-        provenance = {"method": cfg.method, "config": config_record(method_cfg), "seed": cfg.seed,
-                      "bits": bits.label, "target": cfg.target, "device": device,
-                      "data": str(cfg.data) if data is not None or info.needs_labels else None,
-                      "data_fingerprint": data_fp,
-                      "num_samples": int(data.shape[0]) if data is not None else metrics.get("train_images", 0),
-                      "invocation": _invocation(cfg)}
-        recipe = QuantRecipe.from_quantsim(sim, folded, ref, provenance, metrics)
-        if writer:
-            recipe.write_files(tmp)
-    if writer:
-        shutil.rmtree(work, ignore_errors=True)
-    shutdown(dist)
-    return Path(cfg.output)
+
+
+def _recipe(cfg: CalibrateConfig, ctx, method_cfg, bits: BitsConfig, metrics: dict, calibration: tuple,
+            labelled: bool):
+    """The recipe of the calibrated QuantSim, with the run's provenance.
+
+    Args:
+        cfg, ctx, method_cfg, bits, metrics: the run's configuration, context, method options, widths, metrics.
+        calibration: ``(images given to the method or None, their folder's fingerprint or None)``.
+        labelled: the method trained on the labelled folder itself.
+
+    Returns:
+        The QuantRecipe.
+    """
+    from qexport.options import config_record
+    from qexport.recipe import ModelRef, QuantRecipe
+
+    loaded, (data, data_fp) = ctx.model, calibration
+    ref = ModelRef(cfg.model, tuple(loaded.input_shape), loaded.preprocess.to_dict(), loaded.num_classes,
+                   str(cfg.weights) if cfg.weights else None, loaded.weights_sha256)
+    provenance = {"method": cfg.method, "config": config_record(method_cfg), "seed": cfg.seed,
+                  "bits": bits.label, "target": cfg.target, "device": ctx.device,
+                  "data": str(cfg.data) if data is not None or labelled else None,
+                  "data_fingerprint": data_fp,
+                  "num_samples": int(data.shape[0]) if data is not None else metrics.get("train_images", 0),
+                  "invocation": _invocation(cfg)}
+    return QuantRecipe.from_quantsim(ctx.sim.cpu().eval(), ctx.folded, ref, provenance, metrics)
 
 
 @contextlib.contextmanager
