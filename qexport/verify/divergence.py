@@ -97,11 +97,40 @@ def first_divergent_layer(engine_dir: str | Path, recipe, sim, dataset, indices:
     zero_point = {ap.name: export_target.act_encoding(ap.spec)[1] for ap in plan.activations}
     plain = load_engine(engine_dir, "int8", threads)
 
+    eng_codes, sim_codes, out_diff = _collect_codes(run, exposed, plain, sim, plan, zero_point,
+                                                    export_target.code_clip, iter_batches(dataset, batch_size, list(indices)))
+    rows, first, checked = _point_rows(plan, eng_codes, sim_codes, exposed, tolerance, mean_steps)
+    base.update(points=rows, exposed_output_max_diff=out_diff)
+    if first is None:
+        base["summary"] = _agreeing_summary(rows, target, len(indices))
+        return base
+    base.update(point=first["point"], layer=(first["layers"] or [None])[0], producer=first["point"])
+    where = f"input of {', '.join(first['layers'])}" if first["layers"] else f"{first['role']} input of an Add"
+    if "shape_mismatch" in first:
+        detail = f"shape {first['shape_mismatch'][0]} vs QuantSim {first['shape_mismatch'][1]}"
+    else:
+        detail = (f"{100 * first['frac_beyond_one_step']:.2f} % of codes more than one step off QuantSim, mean "
+                  f"{first['mean_abs_steps']:.2f}, max {first['max_abs_steps']} steps")
+    base["summary"] = (f"first divergent layer: activation point '{first['point']}' ({where}) of the {target} "
+                       f"engine: {detail}; the {checked - 1} points before it agree within one step "
+                       f"({len(indices)} images)")
+    return base
+
+
+def _collect_codes(run, exposed, plain, sim, plan, zero_point: dict, code_clip: bool, batches):
+    """Every activation point's integer codes from the engine (exposed tensors) and from QuantSim.
+
+    A point the engine does not expose is read from the point it shares its scale with, when that one is.
+
+    Returns:
+        ``(engine codes per point, QuantSim codes per point, largest |output difference| between the exposing
+        and the plain engine)``; codes are lists of per-batch arrays.
+    """
     eng_codes: dict[str, list] = {}
     sim_codes: dict[str, list] = {}
     out_diff = 0.0
     sim.eval()
-    for x, _ in iter_batches(dataset, batch_size, list(indices)):
+    for x, _ in batches:
         xn = x.numpy().astype(np.float32)
         res = run(xn)
         out_diff = max(out_diff, float(np.abs(res["__output__"] - plain.infer(xn)).max()))
@@ -111,10 +140,18 @@ def first_divergent_layer(engine_dir: str | Path, recipe, sim, dataset, indices:
             src = ap.name if f"{ap.name}.q" in exposed else ap.share_scale_with
             if src is not None and f"{src}.q" in exposed:
                 codes = res[f"{src}.q"].astype(np.int64) - zero_point[src]
-                if export_target.code_clip:  # the exposed tensor is Q's output; the Clip on the codes follows it
+                if code_clip:  # the exposed tensor is Q's output; the Clip on the codes follows it
                     codes = np.clip(codes, ap.spec.qmin, ap.spec.qmax)
                 eng_codes.setdefault(ap.name, []).append(codes)
+    return eng_codes, sim_codes, out_diff
 
+
+def _point_rows(plan, eng_codes: dict, sim_codes: dict, exposed, tolerance: float, mean_steps: float):
+    """Per-point agreement rows in plan order, the first departing row, and how many rows were checked up to it.
+
+    Returns:
+        ``(rows, first departing row or None, points checked up to and including it)``.
+    """
     consumers: dict[str, list[str]] = {}
     for lp in plan.layers:
         if lp.input_point:
@@ -139,25 +176,14 @@ def first_divergent_layer(engine_dir: str | Path, recipe, sim, dataset, indices:
             checked += 1
             if row["departs"]:
                 first = row
-    base.update(points=rows, exposed_output_max_diff=out_diff)
-    n_exposed = sum(1 for r in rows if r.get("exposed"))
-    if first is None:
-        worst = max((r for r in rows if r.get("exposed")), key=lambda r: r.get("frac_beyond_one_step", 0),
-                    default=None)
-        tail = (f"; largest: {worst['point']} with {100 * worst['frac_beyond_one_step']:.3f} % of codes beyond one "
-                f"step" if worst else "")
-        base["summary"] = (f"no layer departs from QuantSim: all {n_exposed} exposed activation points of the "
-                           f"{target} engine stay within one quantization step on {len(indices)} images{tail}")
-        return base
-    layer = (first["layers"] or [None])[0]
-    base.update(point=first["point"], layer=layer, producer=first["point"])
-    where = f"input of {', '.join(first['layers'])}" if first["layers"] else f"{first['role']} input of an Add"
-    if "shape_mismatch" in first:
-        detail = f"shape {first['shape_mismatch'][0]} vs QuantSim {first['shape_mismatch'][1]}"
-    else:
-        detail = (f"{100 * first['frac_beyond_one_step']:.2f} % of codes more than one step off QuantSim, mean "
-                  f"{first['mean_abs_steps']:.2f}, max {first['max_abs_steps']} steps")
-    base["summary"] = (f"first divergent layer: activation point '{first['point']}' ({where}) of the {target} "
-                       f"engine: {detail}; the {checked - 1} points before it agree within one step "
-                       f"({len(indices)} images)")
-    return base
+    return rows, first, checked
+
+
+def _agreeing_summary(rows: list[dict], target: str, n_images: int) -> str:
+    """The one-line summary when no point departs, naming the point closest to departing."""
+    shown = [r for r in rows if r.get("exposed")]
+    worst = max(shown, key=lambda r: r.get("frac_beyond_one_step", 0), default=None)
+    tail = (f"; largest: {worst['point']} with {100 * worst['frac_beyond_one_step']:.3f} % of codes beyond one "
+            f"step" if worst else "")
+    return (f"no layer departs from QuantSim: all {len(shown)} exposed activation points of the {target} engine "
+            f"stay within one quantization step on {n_images} images{tail}")
