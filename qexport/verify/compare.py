@@ -100,18 +100,7 @@ def verify(cfg: VerifyConfig) -> tuple[dict, Path]:
     engine = load_engine(cfg.engine, "int8", cfg.threads)
     fp32_engine = load_engine(cfg.engine, "fp32", cfg.threads) if meta["models"].get("fp32") else None
     folded = recipe.build_float_model()
-    sim = recipe.build_quantsim(folded).set_exact_accumulation(True)
-    # The reference is QuantSim computing what the engine's integer kernels compute, where it can (that includes
-    # their int16 pair saturation on CPUs without VNNI); the float QuantSim (exact accumulation) is kept alongside
-    # for comparison. Where no integer arithmetic is emulated, the float QuantSim is the reference, with this
-    # CPU's pair saturation when its kernels have it.
-    float_sim = None
-    arithmetic = engine_arithmetic_for(meta, recipe)
-    if arithmetic is not None:
-        float_sim = sim
-        sim = recipe.build_quantsim(folded).set_exact_accumulation(True).set_engine_arithmetic(arithmetic)
-    elif pairs_saturate(meta["target"]):
-        sim.set_pair_saturation(meta["target"])
+    sim, float_sim = _reference_sims(recipe, folded, meta)
     models = {"fp32": folded, "quantsim": sim, "quantsim_float": float_sim, "engine": engine.infer,
               "fp32_engine": fp32_engine.infer if fp32_engine is not None else None}
     accuracy = _evaluate(ds, idx, models, cfg)
@@ -137,12 +126,8 @@ def verify(cfg: VerifyConfig) -> tuple[dict, Path]:
     report["model_size"] = model_size(recipe)
     report["checks"] = threshold_checks(accuracy, cfg.max_drop, cfg.min_agreement)
     if data_sets:
-        report["data_sets"] = [{"path": str(cfg.data), "count": int(len(idx)), "labelled": ds.labelled,
-                                "accuracy": accuracy}] + data_sets
-        report["more_data_mean"] = _mean_accuracy([d["accuracy"] for d in data_sets])
-        for d in data_sets:
-            for c in threshold_checks(d["accuracy"], cfg.max_drop, cfg.min_agreement):
-                report["checks"].append({**c, "name": f"{c['name']} on {Path(d['path']).name}"})
+        _add_more_data(report, data_sets, {"path": str(cfg.data), "count": int(len(idx)), "labelled": ds.labelled,
+                                           "accuracy": accuracy}, cfg)
     report["passed"] = all(c["passed"] for c in report["checks"])
     if cfg.divergence and not report["passed"]:
         from qexport.verify.divergence import first_divergent_layer
@@ -153,6 +138,35 @@ def verify(cfg: VerifyConfig) -> tuple[dict, Path]:
     with atomic_dir(out, force=cfg.force) as tmp:
         write_report(report, tmp)
     return report, out
+
+
+def _reference_sims(recipe, folded, meta: dict):
+    """The QuantSim the engine is compared with, and the float QuantSim kept beside it (or None).
+
+    The reference is QuantSim computing what the engine's integer kernels compute, where it can (that includes
+    their int16 pair saturation on CPUs without VNNI); the float QuantSim (exact accumulation) is kept alongside
+    for comparison. Where no integer arithmetic is emulated, the float QuantSim is the reference, with this
+    CPU's pair saturation when its kernels have it.
+
+    Returns:
+        ``(reference sim, float sim or None)``.
+    """
+    sim = recipe.build_quantsim(folded).set_exact_accumulation(True)
+    arithmetic = engine_arithmetic_for(meta, recipe)
+    if arithmetic is not None:
+        return recipe.build_quantsim(folded).set_exact_accumulation(True).set_engine_arithmetic(arithmetic), sim
+    if pairs_saturate(meta["target"]):
+        sim.set_pair_saturation(meta["target"])
+    return sim, None
+
+
+def _add_more_data(report: dict, data_sets: list[dict], first: dict, cfg: VerifyConfig) -> None:
+    """Record the extra ``--data`` folders: every set's accuracy, the mean of the extra ones, their checks."""
+    report["data_sets"] = [first] + data_sets
+    report["more_data_mean"] = _mean_accuracy([d["accuracy"] for d in data_sets])
+    for d in data_sets:
+        for c in threshold_checks(d["accuracy"], cfg.max_drop, cfg.min_agreement):
+            report["checks"].append({**c, "name": f"{c['name']} on {Path(d['path']).name}"})
 
 
 def _evaluate(ds, idx: list[int], models: dict, cfg: VerifyConfig) -> dict:
