@@ -188,9 +188,8 @@ def build_plan(gm: fx.GraphModule, target: str, bits: BitsConfig, keep_float: tu
 
     Args:
         gm: the BN-folded float model as a torch.fx GraphModule.
-        target: a registered target (qexport.quant.targets); its plan policy says which grids and points it takes.
-        bits: bit widths; ``first_last_bits`` applies to the first and last quantized layer.
-        target: ``onnxruntime``, ``tensorrt`` or ``openvino``.
+        target: a registered target (qexport.quant.targets: ``onnxruntime``, ``tensorrt``, ``openvino``); its plan
+            policy says which grids and points it takes.
         bits: bit widths; ``first_last_bits`` applies to the first and last quantized layer, ``layer_bits``
             (mixed precision) to the layers it names.
         keep_float: layer names to leave in float (also allows unsupported layers).
@@ -200,6 +199,33 @@ def build_plan(gm: fx.GraphModule, target: str, bits: BitsConfig, keep_float: tu
     """
     policy = get_target(target).plan
     nodes = list(gm.graph.nodes)
+    layer_nodes = _quantizable_layer_nodes(gm, nodes, keep_float)
+    # An int8-only engine (TensorRT) has no unsigned 8-bit grid; unsigned grids below 8 bits still fit int8.
+    points = _PointSet(gm, graph_ops.non_negative_nodes(gm), policy.unsigned_8bit)
+    edge = {layer_nodes[0].name, layer_nodes[-1].name}
+    _check_layer_names(bits, [n.target for n in layer_nodes], keep_float)
+    layers = []
+    for n in layer_nodes:
+        # a tensor feeding several layers takes the widest of their input widths (add keeps the wider)
+        w_bits, a_bits = bits.widths_for(n.target, n.name in edge)
+        inp = graph_ops.tensor_inputs(n)[0]
+        point = points.add(inp, a_bits, "input") if a_bits is not None else None
+        kind = "conv2d" if type(graph_ops.target_module(gm, n)).__name__ == "Conv2d" else "linear"
+        layers.append(LayerPoint(n.target, kind, weight_spec(w_bits), point))
+    if bits.act_bits is not None:
+        _add_residual_points(nodes, {n.name for n in layer_nodes}, bits.act_bits, policy.fusion_points, points)
+        if policy.fusion_points:
+            _add_tail_points(gm, nodes, layers[-1], layer_nodes[-1], points.acts, points.add)
+    return QuantPlan(target, bits, tuple(layers), points.ordered(nodes), tuple(keep_float))
+
+
+def _quantizable_layer_nodes(gm: fx.GraphModule, nodes: list, keep_float: tuple[str, ...]) -> list:
+    """The layer nodes to quantize, in graph order, after checking ``keep_float`` and unsupported layers.
+
+    Raises:
+        QexportError: an unsupported weighted layer not kept in float, an unknown ``keep_float`` name, or no
+            quantizable layer at all.
+    """
     for node in nodes:
         if graph_ops.is_unsupported_weighted(gm, node) and node.target not in keep_float:
             kind = type(graph_ops.target_module(gm, node)).__name__
@@ -212,55 +238,48 @@ def build_plan(gm: fx.GraphModule, target: str, bits: BitsConfig, keep_float: tu
     layer_nodes = [n for n in nodes if graph_ops.is_quantizable_layer(gm, n) and n.target not in keep_float]
     if not layer_nodes:
         raise QexportError("the model has no Conv2d or Linear layer to quantize")
-    # An int8-only engine (TensorRT) has no unsigned 8-bit grid; unsigned grids below 8 bits still fit int8.
-    nonneg = graph_ops.non_negative_nodes(gm)
-    unsigned_ok = lambda b: policy.unsigned_8bit or b < 8  # noqa: E731
-    edge = {layer_nodes[0].name, layer_nodes[-1].name}
+    return layer_nodes
 
-    acts: dict[str, ActPoint] = {}
 
-    def add_act(node: fx.Node, b: int, role: str) -> str:
-        src = _moved_from(gm, node)
-        share = None
-        if src is not node and src.name in acts:
-            share = src.name
-        spec = activation_spec(b, node.name in nonneg and unsigned_ok(b))
-        old = acts.get(node.name)
+class _PointSet:
+    """The activation points of a plan being built, one per tensor (node name), widest width kept."""
+
+    def __init__(self, gm: fx.GraphModule, nonneg: set, unsigned_8bit: bool):
+        self.gm, self.nonneg, self.unsigned_8bit = gm, nonneg, unsigned_8bit
+        self.acts: dict[str, ActPoint] = {}
+
+    def add(self, node: fx.Node, b: int, role: str) -> str:
+        """Quantize ``node``'s output at ``b`` bits (a wider existing point stays); returns the point's name."""
+        src = _moved_from(self.gm, node)
+        share = src.name if src is not node and src.name in self.acts else None
+        unsigned = node.name in self.nonneg and (self.unsigned_8bit or b < 8)
+        old = self.acts.get(node.name)
         if old is None or old.spec.bits < b:
-            acts[node.name] = ActPoint(node.name, spec, old.role if old else role, share)
+            self.acts[node.name] = ActPoint(node.name, activation_spec(b, unsigned), old.role if old else role, share)
         return node.name
 
-    _check_layer_names(bits, [n.target for n in layer_nodes], keep_float)
-    layers = []
-    for n in layer_nodes:
-        # a tensor feeding several layers takes the widest of their input widths (add_act keeps the wider)
-        w_bits, a_bits = bits.widths_for(n.target, n.name in edge)
-        inp = graph_ops.tensor_inputs(n)[0]
-        point = add_act(inp, a_bits, "input") if a_bits is not None else None
-        kind = "conv2d" if type(graph_ops.target_module(gm, n)).__name__ == "Conv2d" else "linear"
-        layers.append(LayerPoint(n.target, kind, weight_spec(w_bits), point))
-
-    if bits.act_bits is not None:
-        fusion = policy.fusion_points
-        quantized_layer_nodes = {n.name for n in layer_nodes}
+    def ordered(self, nodes: list) -> tuple[ActPoint, ...]:
+        """The points in graph order, scale sharing re-resolved now that every point exists (a residual point
+        may precede its source in order)."""
+        out = []
         for node in nodes:
-            if not graph_ops.is_residual_add(node):
-                continue
-            for arg in node.args[:2]:
-                from_layer = arg.name in quantized_layer_nodes
-                if from_layer:
-                    if fusion:
-                        add_act(arg, FUSION_BITS, "fusion")
-                elif arg.name not in acts:
-                    add_act(arg, bits.act_bits, "residual")
-        if fusion:
-            _add_tail_points(gm, nodes, layers[-1], layer_nodes[-1], acts, add_act)
-    # Re-resolve sharing now that every point exists (a residual point may precede its source in order).
-    ordered = []
+            if node.name in self.acts:
+                ap = self.acts[node.name]
+                src = _moved_from(self.gm, node)
+                same = src is not node and src.name in self.acts and self.acts[src.name].spec == ap.spec
+                out.append(dataclasses.replace(ap, share_scale_with=src.name if same else None))
+        return tuple(out)
+
+
+def _add_residual_points(nodes: list, layer_names: set, act_bits: int, fusion: bool, points: _PointSet) -> None:
+    """Points on the inputs of residual Adds: an 8-bit fusion point on a layer's output (targets that fuse the
+    Add into the conv), else the default activation width on an input no other point covers."""
     for node in nodes:
-        if node.name in acts:
-            ap = acts[node.name]
-            src = _moved_from(gm, node)
-            share = src.name if src is not node and src.name in acts and acts[src.name].spec == ap.spec else None
-            ordered.append(dataclasses.replace(ap, share_scale_with=share))
-    return QuantPlan(target, bits, tuple(layers), tuple(ordered), tuple(keep_float))
+        if not graph_ops.is_residual_add(node):
+            continue
+        for arg in node.args[:2]:
+            if arg.name in layer_names:
+                if fusion:
+                    points.add(arg, FUSION_BITS, "fusion")
+            elif arg.name not in points.acts:
+                points.add(arg, act_bits, "residual")
