@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch import fx
 
 from qexport.calibrators import register_calibrator
 from qexport.calibrators.base import CalibrationContext, calibrate_activations
 from qexport.calibrators.gpfq_core import LayerStats, channel_errors, gpfq_accumulated, step_sizes
+from qexport.calibrators.side_by_side import SideBySide
 from qexport.errors import QexportError
 from qexport.progress import progress_bar
 
@@ -83,85 +83,6 @@ class GPFQConfig:
         if not math.isfinite(val) or val <= 0:
             raise QexportError(f"--c must be 'auto' or a positive number, got {self.c!r}")
         return (val,)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Side-by-side interpreter of the float and partially quantized graphs
-
-
-class _SideBySide:
-    """Runs the traced graph node by node on two module sets (float, quantized) over data chunks.
-
-    Args:
-        graph_module: the BN-folded float GraphModule (its graph is interpreted for both paths).
-        quant_root: the module holding the quantized path's submodules (same names).
-        chunks: input chunks.
-    """
-
-    def __init__(self, graph_module: fx.GraphModule, quant_root: nn.Module, chunks: list[torch.Tensor]):
-        self.nodes = [n for n in graph_module.graph.nodes]
-        self.index = {n: i for i, n in enumerate(self.nodes)}
-        self.roots = (graph_module, quant_root)
-        last = {}
-        for i, n in enumerate(self.nodes):
-            for a in n.all_input_nodes:
-                last[a] = i
-        self.free_at: dict[int, list[fx.Node]] = {}
-        for n, i in last.items():
-            self.free_at.setdefault(i, []).append(n)
-        self.chunks = chunks
-        self.envs = [({}, {}) for _ in chunks]
-        self.pos = 0
-
-    def _attr(self, root: nn.Module, target: str):
-        obj = root
-        for part in target.split("."):
-            obj = getattr(obj, part)
-        return obj
-
-    def _exec(self, node: fx.Node, env: dict, path: int, chunk: torch.Tensor):
-        root = self.roots[path]
-        load = lambda a: fx.node.map_arg(a, lambda n: env[n])  # noqa: E731
-        if node.op == "placeholder":
-            return chunk
-        if node.op == "get_attr":
-            return self._attr(root, node.target)
-        args, kwargs = load(node.args), load(node.kwargs)
-        if node.op == "call_module":
-            return root.get_submodule(node.target)(*args, **kwargs)
-        if node.op == "call_function":
-            return node.target(*args, **kwargs)
-        if node.op == "call_method":
-            return getattr(args[0], node.target)(*args[1:], **kwargs)
-        return None  # output
-
-    def run_node(self, i: int, c: int) -> tuple:
-        """Execute node ``i`` on both paths of chunk ``c``; returns the two values (kept in the envs)."""
-        node = self.nodes[i]
-        outs = []
-        for path in (0, 1):
-            env = self.envs[c][path]
-            val = self._exec(node, env, path, self.chunks[c])
-            if node.op != "output":
-                env[node] = val
-            outs.append(val)
-        return tuple(outs)
-
-    def free(self, i: int, c: int) -> None:
-        for n in self.free_at.get(i, ()):
-            for env in self.envs[c]:
-                env.pop(n, None)
-
-    def run_until(self, stop: int, c: int) -> None:
-        """Execute nodes from the current position up to (not including) ``stop`` for chunk ``c``."""
-        for i in range(self.pos, stop):
-            self.run_node(i, c)
-            self.free(i, c)
-
-    def inputs_of(self, i: int, c: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first tensor argument of node ``i`` on both paths of chunk ``c``."""
-        a = self.nodes[i].args[0]
-        return self.envs[c][0][a], self.envs[c][1][a]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -300,48 +221,17 @@ def calibrate_gpfq(ctx: CalibrationContext, cfg: GPFQConfig) -> dict:
     layers = sim.layers()
     gen = torch.Generator().manual_seed(ctx.seed)
     chunks = [ctx.data[i : i + cfg.batch_size].to(device) for i in range(0, ctx.data.shape[0], cfg.batch_size)]
-    runner = _SideBySide(folded, sim.gm, chunks)
-    layer_nodes = []
-    for i, n in enumerate(runner.nodes):
-        if n.op == "call_module" and n.target in layers and all(n.target != t for _, t in layer_nodes):
-            layer_nodes.append((i, n.target))
-    missing = [name for name in layers if all(name != t for _, t in layer_nodes)]
-    if missing:
-        raise QexportError(f"gpfq: layers {', '.join(missing)} are not called in the traced graph")
+    runner = SideBySide(folded, sim.gm, chunks)
+    layer_nodes = _layer_nodes(runner, layers)
     c_values = cfg.c_values()
     per_layer: dict[str, dict] = {}
     try:
         with torch.no_grad(), sim.quant_disabled(weights=True, acts=True), \
                 progress_bar(len(layer_nodes), "gpfq", ctx.quiet) as bar:
             for idx, name in layer_nodes:
-                t0 = time.time()
-                layer = layers[name]
-                w = _grouped_weight(layer)
-                st = None
-                for c in range(len(chunks)):
-                    runner.run_until(idx, c)
-                    x, xq = runner.inputs_of(idx, c)
-                    rx, rxq = _rows(layer, x, xq, cfg, gen)
-                    if st is None:
-                        st = LayerStats.zeros(rx.shape[0], rx.shape[2], device=rx.device)
-                    st.add(rx, rxq)
-                runner.pos = idx
-                spec = layer.weight_quantizer.spec
-                k, delta, cc, info = quantize_layer(w, st, spec.bits, spec.qmin, spec.qmax, c_values,
-                                                    cfg.per_channel_step)
-                n_out = layer.weight.shape[0]
-                layer.set_quantized_weight(k.reshape(layer.weight.shape), delta.reshape(n_out).float())
-                info.update(_finish_layer(runner, idx, layer, cfg.bias_correction, len(chunks)))
-                runner.pos = idx + 1
-                cflat = cc.flatten()
-                info.update({"bits": spec.bits, "samples": st.m,
-                             "c": round(float(cflat.mean()), 4) if cfg.per_channel_step else float(cflat[0]),
-                             "seconds": round(time.time() - t0, 3)})
-                if cfg.per_channel_step and len(c_values) > 1:
-                    info["c_range"] = [float(cflat.min()), float(cflat.max())]
-                per_layer[name] = info
+                per_layer[name] = info = _quantize_one_layer(runner, idx, layers[name], len(chunks), cfg,
+                                                             c_values, gen)
                 bar.advance(1, info=f"{name}: rel err {info['rel_error']:.4f}")
-                del st
         runner.envs = []
     finally:
         folded.to(folded_device)
@@ -359,7 +249,55 @@ def calibrate_gpfq(ctx: CalibrationContext, cfg: GPFQConfig) -> dict:
             "gpfq_seconds": round(gpfq_seconds, 2), "layers": per_layer}
 
 
-def _finish_layer(runner: _SideBySide, idx: int, layer: nn.Module, bias_correction: bool, n_chunks: int) -> dict:
+def _layer_nodes(runner: SideBySide, layers: dict) -> list[tuple[int, str]]:
+    """``(graph position, name)`` of each quantized layer's first call, in graph order.
+
+    Raises:
+        QexportError: a quantized layer the traced graph never calls.
+    """
+    layer_nodes: list[tuple[int, str]] = []
+    for i, n in enumerate(runner.nodes):
+        if n.op == "call_module" and n.target in layers and all(n.target != t for _, t in layer_nodes):
+            layer_nodes.append((i, n.target))
+    missing = [name for name in layers if all(name != t for _, t in layer_nodes)]
+    if missing:
+        raise QexportError(f"gpfq: layers {', '.join(missing)} are not called in the traced graph")
+    return layer_nodes
+
+
+def _quantize_one_layer(runner: SideBySide, idx: int, layer: nn.Module, n_chunks: int, cfg: GPFQConfig,
+                        c_values, gen: torch.Generator) -> dict:
+    """Gather the layer's input statistics over every chunk, run GPFQ on it, set its weights, move on.
+
+    Returns:
+        The layer's metrics (relative error, bits, samples, chosen C, seconds, bias correction).
+    """
+    t0 = time.time()
+    w = _grouped_weight(layer)
+    st = None
+    for c in range(n_chunks):
+        runner.run_until(idx, c)
+        x, xq = runner.inputs_of(idx, c)
+        rx, rxq = _rows(layer, x, xq, cfg, gen)
+        if st is None:
+            st = LayerStats.zeros(rx.shape[0], rx.shape[2], device=rx.device)
+        st.add(rx, rxq)
+    runner.pos = idx
+    spec = layer.weight_quantizer.spec
+    k, delta, cc, info = quantize_layer(w, st, spec.bits, spec.qmin, spec.qmax, c_values, cfg.per_channel_step)
+    layer.set_quantized_weight(k.reshape(layer.weight.shape), delta.reshape(layer.weight.shape[0]).float())
+    info.update(_finish_layer(runner, idx, layer, cfg.bias_correction, n_chunks))
+    runner.pos = idx + 1
+    cflat = cc.flatten()
+    info.update({"bits": spec.bits, "samples": st.m,
+                 "c": round(float(cflat.mean()), 4) if cfg.per_channel_step else float(cflat[0]),
+                 "seconds": round(time.time() - t0, 3)})
+    if cfg.per_channel_step and len(c_values) > 1:
+        info["c_range"] = [float(cflat.min()), float(cflat.max())]
+    return info
+
+
+def _finish_layer(runner: SideBySide, idx: int, layer: nn.Module, bias_correction: bool, n_chunks: int) -> dict:
     """Run the quantized layer on both paths, correct its bias, and measure its output error.
 
     The relative error is ``||X W - X~ Q|| / ||X W||`` over every output of every calibration image
