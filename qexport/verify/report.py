@@ -71,29 +71,8 @@ def render_markdown(report: dict) -> str:
         from qexport.verify.size import size_line
 
         lines += ["", size_line(report["model_size"])]
-    sets = report.get("data_sets") or []
-    if sets:
-        lines += ["", "## Each image folder", "", "| folder | images | FP32 top-1 | QuantSim top-1 | engine top-1 | "
-                  "drop (points) | engine vs QuantSim |", "|---|---|---|---|---|---|---|"]
-        mean = report.get("more_data_mean") or {}
-        for d in sets + ([{"path": "mean over the folders after the first", "count": "", "accuracy": mean}]
-                         if mean else []):
-            acc = d["accuracy"]
-            drop = f"{acc['top1_drop_points']:.2f}" if acc.get("top1_drop_points") is not None else "-"
-            lines.append(f"| `{d['path']}` | {d['count']} | {_pct(acc.get('fp32_top1'))} | "
-                         f"{_pct(acc.get('quantsim_top1'))} | {_pct(acc.get('engine_top1'))} | {drop} | "
-                         f"{_pct(acc.get('engine_vs_quantsim_agreement'))} |")
-    lat = report.get("latency") or []
-    if lat:
-        lines += ["", f"## Latency ({report['engine']['target']}, {report['engine']['threads']} threads, same run)", "",
-                  "| batch | engine | p50 ms | p90 ms | p99 ms | images/s | speed-up vs FP32 |", "|---|---|---|---|---|---|---|"]
-        for row in lat:
-            for which in ("int8", "fp32"):
-                s = row.get(which)
-                if s:
-                    sp = f"{row['speedup']:.2f}x" if which == "int8" and row.get("speedup") else ""
-                    lines.append(f"| {row['batch_size']} | {which} | {s['p50_ms']:.3f} | {s['p90_ms']:.3f} | "
-                                 f"{s['p99_ms']:.3f} | {s['throughput_ips']:.1f} | {sp} |")
+    lines += _data_sets_markdown(report.get("data_sets") or [], report.get("more_data_mean") or {})
+    lines += _latency_markdown(report.get("latency") or [], report["engine"])
     lines += _widths_markdown(report.get("widths") or [])
     div = report.get("divergence")
     if div:
@@ -104,6 +83,38 @@ def render_markdown(report: dict) -> str:
         for c in checks:
             lines.append(f"| {c['name']} | {_num(c['value'])} | {_num(c['threshold'])} | {'PASS' if c['passed'] else 'FAIL'} |")
     return "\n".join(lines) + "\n"
+
+
+def _data_sets_markdown(sets: list[dict], mean: dict) -> list[str]:
+    """The per-folder accuracy table (several ``--data`` folders), with the mean of the folders after the first."""
+    if not sets:
+        return []
+    lines = ["", "## Each image folder", "", "| folder | images | FP32 top-1 | QuantSim top-1 | engine top-1 | "
+             "drop (points) | engine vs QuantSim |", "|---|---|---|---|---|---|---|"]
+    for d in sets + ([{"path": "mean over the folders after the first", "count": "", "accuracy": mean}]
+                     if mean else []):
+        acc = d["accuracy"]
+        drop = f"{acc['top1_drop_points']:.2f}" if acc.get("top1_drop_points") is not None else "-"
+        lines.append(f"| `{d['path']}` | {d['count']} | {_pct(acc.get('fp32_top1'))} | "
+                     f"{_pct(acc.get('quantsim_top1'))} | {_pct(acc.get('engine_top1'))} | {drop} | "
+                     f"{_pct(acc.get('engine_vs_quantsim_agreement'))} |")
+    return lines
+
+
+def _latency_markdown(lat: list[dict], engine: dict) -> list[str]:
+    """The latency table: p50/p90/p99 and throughput of the INT8 and FP32 engines per batch size."""
+    if not lat:
+        return []
+    lines = ["", f"## Latency ({engine['target']}, {engine['threads']} threads, same run)", "",
+             "| batch | engine | p50 ms | p90 ms | p99 ms | images/s | speed-up vs FP32 |", "|---|---|---|---|---|---|---|"]
+    for row in lat:
+        for which in ("int8", "fp32"):
+            s = row.get(which)
+            if s:
+                sp = f"{row['speedup']:.2f}x" if which == "int8" and row.get("speedup") else ""
+                lines.append(f"| {row['batch_size']} | {which} | {s['p50_ms']:.3f} | {s['p90_ms']:.3f} | "
+                             f"{s['p99_ms']:.3f} | {s['throughput_ips']:.1f} | {sp} |")
+    return lines
 
 
 def _widths_markdown(widths: list[dict]) -> list[str]:
