@@ -140,13 +140,24 @@ def test_activation_step_sizes_take_the_methods_share_of_the_lr(labelled, method
 
 
 # ---------------------------------------------------------------- md
+def test_md_initial_beta_depends_on_the_schedule_unless_given():
+    from qexport.calibrators.md import MDConfig
+
+    assert MDConfig().start_beta == 20.0  # anneal=run: chosen on held-out training images
+    assert MDConfig(anneal="paper").start_beta == 1.0  # the paper's schedule starts at 1
+    assert MDConfig(beta_max=10.0).start_beta == 10.0  # never above the cap
+    assert MDConfig(beta_start=3.0, anneal="paper").start_beta == 3.0
+    with pytest.raises(QexportError, match="beta-start"):
+        MDConfig(beta_start=200.0)
+
+
 @pytest.mark.parametrize("bits,levels", [("w1a8", (-1, 1)), ("w2a8", (-1, 0, 1))])
 def test_md_anneals_and_soft_weights_approach_levels(labelled, bits, levels):
     from qexport.calibrators.md import MDConfig, MDMethod
     from qexport.calibrators.qat_task import QATTask
     from qexport.training import qat_data
 
-    method = MDMethod(MDConfig(batch_size=8, beta_max=50.0))
+    method = MDMethod(MDConfig(batch_size=8, beta_start=1.0, beta_max=50.0))  # a wide range to anneal over
     task = QATTask(_ctx(labelled, bits, 8), method.cfg, method)
     assert set(method.md) == {"conv2", "conv3"}  # first and last stay 8-bit (ste)
     m0 = method.md["conv2"]

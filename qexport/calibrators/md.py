@@ -11,9 +11,9 @@ per-output-channel scale ``s``) and a projection ``P`` onto the convex hull of t
 The "-s" (numerically stable) update of the paper: the forward pass uses ``P(u)``, and the gradient with
 respect to the projected weights is applied to ``u`` directly, without P's Jacobian (for softmax, the gradient
 with respect to the level probabilities ``dL/dp_k = dL/dw * q_k`` is applied to the logits): a step in the
-dual space. ``beta`` starts at ``beta_start`` and grows -- by ``beta_growth`` every ``beta_every`` steps
-(``anneal=paper``: x1.02 every 200) or geometrically over the run (``anneal=run``, for short budgets) -- and
-is capped at ``beta_max``. At the end the hard projection (sign for binary; nearest level, i.e. thresholds at
+dual space. ``beta`` starts at ``beta_start`` (20 for ``anneal=run``, 1 for ``paper``) and grows -- by
+``beta_growth`` every ``beta_every`` steps (``anneal=paper``: x1.02 every 200) or geometrically over the run
+(``anneal=run``, for short budgets) -- and is capped at ``beta_max``. At the end the hard projection (sign for binary; nearest level, i.e. thresholds at
 +-1/2, for ternary; argmax for softmax) gives integers that are exactly the levels, times ``s``.
 
 The scale ``s``: per output channel, initialised by the least-squares search of the nearest-level quantization
@@ -71,7 +71,7 @@ class MDConfig(QATConfig):
     levels: Optional[str] = field(default=None, metadata={"help": "Integer level set, e.g. -1,0,1 (default: binary at 1 bit, ternary at 2, the whole grid above)."})
     projection: str = field(default="auto", metadata={"help": "auto (tanh for binary/ternary, else softmax), tanh or softmax."})
     anneal: str = field(default="run", metadata={"help": "run: beta grows geometrically to beta_max over the run; paper: x beta_growth every beta_every steps."})
-    beta_start: float = field(default=1.0, metadata={"help": "Initial beta."})
+    beta_start: Optional[float] = field(default=None, metadata={"help": "Initial beta (default: 20 with anneal=run, chosen on held-out training images; 1 with anneal=paper)."})
     beta_max: float = field(default=100.0, metadata={"help": "Cap of beta."})
     beta_growth: float = field(default=1.02, metadata={"help": "anneal=paper: beta factor every beta_every steps."})
     beta_every: int = field(default=200, metadata={"help": "anneal=paper: steps between beta increases."})
@@ -85,10 +85,21 @@ class MDConfig(QATConfig):
             raise QexportError(f"--projection {self.projection!r}: choose one of {', '.join(PROJECTIONS)}")
         if self.anneal not in ANNEALS:
             raise QexportError(f"--anneal {self.anneal!r}: choose run or paper")
-        if not 0 < self.beta_start <= self.beta_max:
-            raise QexportError(f"need 0 < --beta-start <= --beta-max, got {self.beta_start} and {self.beta_max}")
+        if not 0 < self.start_beta <= self.beta_max:
+            raise QexportError(f"need 0 < --beta-start <= --beta-max, got {self.start_beta} and {self.beta_max}")
         if self.beta_growth < 1 or self.beta_every <= 0:
             raise QexportError("--beta-growth must be >= 1 and --beta-every positive")
+
+    @property
+    def start_beta(self) -> float:
+        """The initial beta: ``beta_start``, else 1 for the paper's schedule and 20 (at most beta_max) for ``run``.
+
+        20 for ``run`` was chosen on the trainer's held-out training images (bench/qat_heldout.py, 5-minute
+        ResNet-20 runs): binary 1 -> 25 %, 5 -> 28 %, 20 -> 34-35 %, 50 -> 25 %; ternary 1 -> 72 %, 20 -> 75 %.
+        """
+        if self.beta_start is not None:
+            return self.beta_start
+        return 1.0 if self.anneal == "paper" else min(20.0, self.beta_max)
 
     def levels_for(self, spec) -> tuple[int, ...]:
         """The level set of a layer on grid ``spec``."""
@@ -255,7 +266,7 @@ class MDMethod(SteMethod):
             if spec.bits != width:
                 continue
             lv = self.cfg.levels_for(spec)
-            mdw = MDWeight(layer.weight.detach(), spec, lv, self.cfg.kind_for(lv), self.cfg.beta_start)
+            mdw = MDWeight(layer.weight.detach(), spec, lv, self.cfg.kind_for(lv), self.cfg.start_beta)
             layer.weight_quantizer = mdw
             layer.weight.requires_grad_(False)
             mdw.scale.requires_grad_(self.cfg.learn_scale)
@@ -270,9 +281,9 @@ class MDMethod(SteMethod):
         """beta after ``self.steps`` steps at ``progress`` of the run (capped at beta_max)."""
         c = self.cfg
         if c.anneal == "paper":
-            b = c.beta_start * c.beta_growth ** (self.steps // c.beta_every)
+            b = c.start_beta * c.beta_growth ** (self.steps // c.beta_every)
         else:
-            b = c.beta_start * (c.beta_max / c.beta_start) ** min(max(progress, 0.0), 1.0)
+            b = c.start_beta * (c.beta_max / c.start_beta) ** min(max(progress, 0.0), 1.0)
         return min(b, c.beta_max)
 
     def after_step(self, progress: float) -> dict:
