@@ -129,7 +129,6 @@ def test_divergence_names_planted_fault(tmp_path, r20_ov, cifar_test, runtime):
 
 def test_verify_failing_threshold_reports_divergence(tmp_path, r20_ov, cifar_test, qx):
     """A broken engine fails verify and the report names the planted layer."""
-    from qexport.export.qdq import recipe_fingerprint  # noqa: F401 - the fault keeps the recipe fingerprint
     from qexport.recipe import QuantRecipe
 
     recipe_dir, qdq = r20_ov
