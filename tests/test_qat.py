@@ -140,13 +140,15 @@ def test_activation_step_sizes_take_the_methods_share_of_the_lr(labelled, method
 
 
 # ---------------------------------------------------------------- md
-def test_md_initial_beta_depends_on_the_schedule_unless_given():
+def test_md_initial_beta_depends_on_levels_and_schedule_unless_given():
     from qexport.calibrators.md import MDConfig
 
-    assert MDConfig().start_beta == 20.0  # anneal=run: chosen on held-out training images
-    assert MDConfig(anneal="paper").start_beta == 1.0  # the paper's schedule starts at 1
-    assert MDConfig(beta_max=10.0).start_beta == 10.0  # never above the cap
-    assert MDConfig(beta_start=3.0, anneal="paper").start_beta == 3.0
+    binary, ternary = (-1, 1), (-1, 0, 1)
+    assert MDConfig().start_beta(binary) == 20.0  # anneal=run, binary: chosen on held-out training images
+    assert MDConfig().start_beta(ternary) == 1.0
+    assert MDConfig(anneal="paper").start_beta(binary) == 1.0  # the paper's schedule starts at 1
+    assert MDConfig(beta_max=10.0).start_beta(binary) == 10.0  # never above the cap
+    assert MDConfig(beta_start=3.0, anneal="paper").start_beta(ternary) == 3.0
     with pytest.raises(QexportError, match="beta-start"):
         MDConfig(beta_start=200.0)
 
@@ -189,6 +191,7 @@ def test_md_recipe_integers_are_the_levels_and_export_checks(tmp_path, labelled,
     assert r.int_weights["conv1"].abs().max() > 1  # the 8-bit first layer
     meta = json.loads((out / "recipe.json").read_text())["metrics"]
     assert meta["md_final_beta"] == pytest.approx(100.0)
+    assert meta["md_start_beta"] == (20.0 if bits == "w1a8" else 1.0)
     model = build_qdq_model(r, "onnxruntime")
     assert check_model(model, "onnxruntime") == []
     grids = {p.key: p.value for p in model.metadata_props}["qexport.weight_grids"]

@@ -11,7 +11,7 @@ per-output-channel scale ``s``) and a projection ``P`` onto the convex hull of t
 The "-s" (numerically stable) update of the paper: the forward pass uses ``P(u)``, and the gradient with
 respect to the projected weights is applied to ``u`` directly, without P's Jacobian (for softmax, the gradient
 with respect to the level probabilities ``dL/dp_k = dL/dw * q_k`` is applied to the logits): a step in the
-dual space. ``beta`` starts at ``beta_start`` (20 for ``anneal=run``, 1 for ``paper``) and grows -- by
+dual space. ``beta`` starts at ``beta_start`` (1; 20 for binary with ``anneal=run``) and grows -- by
 ``beta_growth`` every ``beta_every`` steps (``anneal=paper``: x1.02 every 200) or geometrically over the run
 (``anneal=run``, for short budgets) -- and is capped at ``beta_max``. At the end the hard projection (sign for binary; nearest level, i.e. thresholds at
 +-1/2, for ternary; argmax for softmax) gives integers that are exactly the levels, times ``s``.
@@ -71,7 +71,7 @@ class MDConfig(QATConfig):
     levels: Optional[str] = field(default=None, metadata={"help": "Integer level set, e.g. -1,0,1 (default: binary at 1 bit, ternary at 2, the whole grid above)."})
     projection: str = field(default="auto", metadata={"help": "auto (tanh for binary/ternary, else softmax), tanh or softmax."})
     anneal: str = field(default="run", metadata={"help": "run: beta grows geometrically to beta_max over the run; paper: x beta_growth every beta_every steps."})
-    beta_start: Optional[float] = field(default=None, metadata={"help": "Initial beta (default: 20 with anneal=run, chosen on held-out training images; 1 with anneal=paper)."})
+    beta_start: Optional[float] = field(default=None, metadata={"help": "Initial beta (default 1; 20 for binary weights with anneal=run, chosen on held-out training images)."})
     beta_max: float = field(default=100.0, metadata={"help": "Cap of beta."})
     beta_growth: float = field(default=1.02, metadata={"help": "anneal=paper: beta factor every beta_every steps."})
     beta_every: int = field(default=200, metadata={"help": "anneal=paper: steps between beta increases."})
@@ -85,21 +85,28 @@ class MDConfig(QATConfig):
             raise QexportError(f"--projection {self.projection!r}: choose one of {', '.join(PROJECTIONS)}")
         if self.anneal not in ANNEALS:
             raise QexportError(f"--anneal {self.anneal!r}: choose run or paper")
-        if not 0 < self.start_beta <= self.beta_max:
-            raise QexportError(f"need 0 < --beta-start <= --beta-max, got {self.start_beta} and {self.beta_max}")
+        start = self.beta_start if self.beta_start is not None else 1.0
+        if not 0 < start <= self.beta_max:
+            raise QexportError(f"need 0 < --beta-start <= --beta-max, got {start} and {self.beta_max}")
         if self.beta_growth < 1 or self.beta_every <= 0:
             raise QexportError("--beta-growth must be >= 1 and --beta-every positive")
 
-    @property
-    def start_beta(self) -> float:
-        """The initial beta: ``beta_start``, else 1 for the paper's schedule and 20 (at most beta_max) for ``run``.
+    def start_beta(self, levels: tuple[int, ...]) -> float:
+        """The initial beta for a run whose low-bit layers take ``levels``.
 
-        20 for ``run`` was chosen on the trainer's held-out training images (bench/qat_heldout.py, 5-minute
-        ResNet-20 runs): binary 1 -> 25 %, 5 -> 28 %, 20 -> 34-35 %, 50 -> 25 %; ternary 1 -> 72 %, 20 -> 75 %.
+        Args:
+            levels: the level set of the run-width layers.
+        Returns:
+            ``beta_start`` when given; else 1 (the paper's schedule, and ``run`` for every level set but binary)
+            or, for binary {-1, +1} with ``anneal=run``, 20 (at most beta_max). Chosen on the trainer's held-out
+            training images (docs/qat.md): binary after 30 minutes 76 % from 20 against 56 % from 1; ternary
+            82 % from 20 against 85 % from 1 (at 5 minutes 20 led for both).
         """
         if self.beta_start is not None:
             return self.beta_start
-        return 1.0 if self.anneal == "paper" else min(20.0, self.beta_max)
+        if self.anneal == "run" and tuple(levels) == (-1, 1):
+            return min(20.0, self.beta_max)
+        return 1.0
 
     def levels_for(self, spec) -> tuple[int, ...]:
         """The level set of a layer on grid ``spec``."""
@@ -255,6 +262,7 @@ class MDMethod(SteMethod):
     def __init__(self, cfg: MDConfig):
         self.cfg = cfg
         self.steps = 0
+        self.beta0 = cfg.beta_start if cfg.beta_start is not None else 1.0  # set per level set in prepare
         self.md: dict[str, MDWeight] = {}
 
     def prepare(self, sim, ctx) -> list[dict]:
@@ -266,7 +274,8 @@ class MDMethod(SteMethod):
             if spec.bits != width:
                 continue
             lv = self.cfg.levels_for(spec)
-            mdw = MDWeight(layer.weight.detach(), spec, lv, self.cfg.kind_for(lv), self.cfg.start_beta)
+            self.beta0 = self.cfg.start_beta(lv)  # one level set for every run-width layer
+            mdw = MDWeight(layer.weight.detach(), spec, lv, self.cfg.kind_for(lv), self.beta0)
             layer.weight_quantizer = mdw
             layer.weight.requires_grad_(False)
             mdw.scale.requires_grad_(self.cfg.learn_scale)
@@ -281,9 +290,9 @@ class MDMethod(SteMethod):
         """beta after ``self.steps`` steps at ``progress`` of the run (capped at beta_max)."""
         c = self.cfg
         if c.anneal == "paper":
-            b = c.start_beta * c.beta_growth ** (self.steps // c.beta_every)
+            b = self.beta0 * c.beta_growth ** (self.steps // c.beta_every)
         else:
-            b = c.start_beta * (c.beta_max / c.start_beta) ** min(max(progress, 0.0), 1.0)
+            b = self.beta0 * (c.beta_max / self.beta0) ** min(max(progress, 0.0), 1.0)
         return min(b, c.beta_max)
 
     def after_step(self, progress: float) -> dict:
@@ -321,6 +330,7 @@ class MDMethod(SteMethod):
         super().finalize(sim)
         return {"md_levels": {n: list(m.levels) for n, m in self.md.items()},
                 "md_projection": {n: m.kind for n, m in self.md.items()},
+                "md_start_beta": self.beta0,
                 "md_final_beta": float(next(iter(self.md.values())).beta) if self.md else None,
                 "md_soft_hard_gap": gaps}
 
