@@ -13,8 +13,9 @@ respect to the projected weights is applied to ``u`` directly, without P's Jacob
 with respect to the level probabilities ``dL/dp_k = dL/dw * q_k`` is applied to the logits): a step in the
 dual space. ``beta`` starts at ``beta_start`` (1; 20 for binary with ``anneal=run``) and grows -- by
 ``beta_growth`` every ``beta_every`` steps (``anneal=paper``: x1.02 every 200) or geometrically over the run
-(``anneal=run``, for short budgets) -- and is capped at ``beta_max``. At the end the hard projection (sign for binary; nearest level, i.e. thresholds at
-+-1/2, for ternary; argmax for softmax) gives integers that are exactly the levels, times ``s``.
+(``anneal=run``, for short budgets) -- and is capped at ``beta_max``. At the end the hard projection (sign for
+binary; nearest level, i.e. thresholds at +-1/2, for ternary; argmax for softmax) gives integers that are
+exactly the levels, times ``s``.
 
 The scale ``s``: per output channel, initialised by the least-squares search of the nearest-level quantization
 of the trained float weights over clip ratios, then *learned* by its exact gradient (``w = s * P(u)`` is
@@ -262,7 +263,7 @@ class MDMethod(SteMethod):
     def __init__(self, cfg: MDConfig):
         self.cfg = cfg
         self.steps = 0
-        self.beta0 = cfg.beta_start if cfg.beta_start is not None else 1.0  # set per level set in prepare
+        self.beta0 = 1.0  # the run's initial beta: prepare sets it from the run-width layers' level set
         self.md: dict[str, MDWeight] = {}
 
     def prepare(self, sim, ctx) -> list[dict]:
