@@ -113,7 +113,7 @@ def calibrate(cfg: CalibrateConfig) -> Path:
         from qexport.mixed.allocate import allocate_for_run
 
         bits, allocation = allocate_for_run(cfg.auto_bits, cfg.model, folded, cfg.target, data, cfg.seed,
-                                            cfg.keep_float, cfg.quiet)
+                                            cfg.keep_float, cfg.quiet, _allocator_heldout(cfg, loaded, quiet))
         plan = build_plan(folded, cfg.target, bits, tuple(cfg.keep_float))
     sim = QuantSim(folded, plan)
     work = work_dir_for(Path(cfg.output))
@@ -157,7 +157,8 @@ def _checked_bits(cfg: CalibrateConfig, info) -> BitsConfig:
     if auto and cfg.auto_bits is None:
         raise QexportError("--bits auto needs a budget: --weight-bits-avg 4.5, --size-kb 100 or --act-bits-avg 6")
     if not auto and cfg.auto_bits is not None:
-        raise QexportError("--weight-bits-avg, --act-bits-avg, --size-kb and --allocator go with --bits auto")
+        raise QexportError("--weight-bits-avg, --act-bits-avg, --size-kb, --allocator, --heldout-images and "
+                           "--floor/--no-floor go with --bits auto")
     bits = BitsConfig(8, 8) if auto else resolve_bits(cfg.bits, cfg.layer_bits, cfg.first_last_bits)
     check_output_free(cfg.output, cfg.force)
     if cfg.num_samples <= 0:
@@ -195,6 +196,20 @@ def _calibration_data(cfg: CalibrateConfig, info, loaded, quiet: bool):
         data, labels = load_tensor(folder, num_samples=cfg.num_samples, seed=cfg.seed,
                                    progress=lambda done, total: bar.update(completed=done))
     return data, labels, folder.fingerprint()
+
+
+def _allocator_heldout(cfg: CalibrateConfig, loaded, quiet: bool):
+    """``--allocator labels``: the labelled images right after the calibration subset (None for the others)."""
+    if cfg.auto_bits is None or cfg.auto_bits.allocator != "labels" or cfg.data is None:
+        return None
+    from qexport.data import ImageFolder
+    from qexport.mixed.sensitivity_run import load_calibration
+
+    folder = ImageFolder(cfg.data, loaded.preprocess)
+    _, _, held = load_calibration(folder, loaded.preprocess, cfg.num_samples, cfg.seed,
+                                  heldout=cfg.auto_bits.heldout_count, quiet=quiet, flag="--heldout-images",
+                                  skip_calibration=True)
+    return held
 
 
 def _prepare_work_dir(work: Path, cfg: CalibrateConfig, writer: bool) -> None:

@@ -47,14 +47,19 @@ def _size(text: Optional[str]) -> Optional[tuple[int, int]]:
     return parts[0], parts[1]
 
 
-def _auto_bits(weight_avg: Optional[float], act_avg: Optional[float], size_kb: Optional[float],
-               sensitivity: Optional[Path], allocator: Optional[str] = None):
-    if weight_avg is None and act_avg is None and size_kb is None and sensitivity is None and allocator is None:
+def _auto_bits(bits: str, weight_avg: Optional[float], act_avg: Optional[float], size_kb: Optional[float],
+               sensitivity: Optional[Path], allocator: Optional[str] = None, heldout_images: Optional[int] = None,
+               floor: Optional[bool] = None):
+    if all(v is None for v in (weight_avg, act_avg, size_kb, sensitivity, allocator, heldout_images, floor)):
         return None
+    if bits.strip().lower() != "auto":
+        raise QexportError("--weight-bits-avg, --act-bits-avg, --size-kb, --sensitivity, --allocator, "
+                           "--heldout-images and --floor/--no-floor go with --bits auto")
     from qexport.mixed.allocate import AutoBitsConfig
 
     return AutoBitsConfig(weight_bits_avg=weight_avg, act_bits_avg=act_avg, size_kb=size_kb,
-                          sensitivity=str(sensitivity) if sensitivity else None, allocator=allocator or "knapsack")
+                          sensitivity=str(sensitivity) if sensitivity else None, allocator=allocator or "knapsack",
+                          heldout_images=heldout_images, floor=True if floor is None else floor)
 
 
 def _calibrator_configs() -> dict[str, type]:
@@ -119,8 +124,17 @@ def calibrate(
                                                "sensitivity` (default: measured now on the calibration images).",
                                                rich_help_panel=_MIXED),
     allocator: Optional[str] = typer.Option(None, help="--bits auto: knapsack (adds per-layer sensitivities; "
-                                            "default) or greedy (raises one layer at a time by the measured loss "
-                                            "of the whole model; weight widths only).", rich_help_panel=_MIXED),
+                                            "default), greedy (raises one layer at a time by the measured loss "
+                                            "of the whole model against the float model; weight widths only) or "
+                                            "labels (the same search on the cross-entropy of labelled images "
+                                            "outside the calibration subset).", rich_help_panel=_MIXED),
+    heldout_images: Optional[int] = typer.Option(None, help="--allocator labels: how many labelled images right "
+                                                 "after the calibration subset it measures on (default 1000).",
+                                                 rich_help_panel=_MIXED),
+    floor: Optional[bool] = typer.Option(None, "--floor/--no-floor", help="--bits auto: keep every layer at or "
+                                         "above the floor of the mean budget (default), or let layers go lower "
+                                         "(one bit lower with the greedy allocators) to pay for others.",
+                                         rich_help_panel=_MIXED),
     keep_float: list[str] = typer.Option([], help="Layer to leave in float (repeatable), e.g. an unsupported one."),
     input_size: Optional[str] = typer.Option(None, help="Override the input size: H,W or one number."),
     mean: Optional[str] = typer.Option(None, help="Override normalisation mean, e.g. 0.485,0.456,0.406."),
@@ -157,8 +171,8 @@ def calibrate(
                               keep_float=tuple(keep_float), input_size=_size(input_size),
                               mean=_floats(mean, "--mean"), std=_floats(std, "--std"), device=device, force=force,
                               resume=resume, quiet=quiet, options=method_options, layer_bits=tuple(layer_bits),
-                              auto_bits=_auto_bits(weight_bits_avg, act_bits_avg, size_kb, sensitivity,
-                                                   allocator))
+                              auto_bits=_auto_bits(bits, weight_bits_avg, act_bits_avg, size_kb, sensitivity,
+                                                   allocator, heldout_images, floor))
     out = run_calibrate(cfg)
     typer.echo(f"recipe written to {out}")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -193,3 +194,79 @@ def test_bits_auto_greedy_end_to_end_and_its_bad_inputs(tmp_path, tiny_images, q
                  *args)
         assert_user_error(res, frag)
         assert not bad.exists()
+
+
+# ---------------------------------------------------------------- --allocator labels
+def test_label_allocator_raises_the_fragile_layer_and_reports_the_true_cross_entropy():
+    import torch.nn.functional as F
+
+    from qexport.mixed.greedy import fake_quantized_weights, greedy_allocation
+    from qexport.models import fold_batchnorm
+
+    net = _fragile_for_weights()
+    with torch.no_grad():
+        net[-1].weight.mul_(30.0)  # confident logits, so that what a layer's rounding flips shows in the loss
+    folded = fold_batchnorm(net)
+    x = torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y = folded(x).argmax(1)  # the float model is right on every image: the fragile layer costs the most
+    numel = {n: m.weight.numel() for n, m in folded.named_modules()
+             if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
+    budget = 4 * sum(numel.values()) + 4 * numel["2"]
+    res = greedy_allocation(folded, "onnxruntime", x, budget, widths=(4, 6, 8), labels=y, quiet=True)
+    raised = [r["layer"] for r in res["rounds"]]
+    assert res["widths"]["2"] > 4 and raised.index("2") < (raised.index("4") if "4" in raised else len(raised)), raised
+    # The reported loss is the cross-entropy of the model with the chosen widths, measured here independently.
+    weights = fake_quantized_weights(folded, "onnxruntime", (4, 6, 8), ())
+    with torch.no_grad():
+        for n, w in res["widths"].items():
+            folded.get_submodule(n).weight.copy_(weights[w][n])
+        ce = float(F.cross_entropy(folded(x).double(), y))
+    assert res["loss"] == pytest.approx(ce, rel=1e-6)
+
+
+def test_bits_auto_labels_end_to_end_and_its_bad_inputs(tmp_path, tiny_images, qx):
+    out = tmp_path / "l"
+    res = qx("calibrate", TINY, "--bits", "auto", "--weight-bits-avg", "5.5", "--allocator", "labels", "--data",
+             tiny_images, "--num-samples", "8", "--heldout-images", "12", "--method", "mse", "-q", "-o", out)
+    assert res.code == 0, res.err
+    rec = QuantRecipe.load(out)
+    mp = rec.metrics["mixed_precision"]
+    assert mp["allocator"] == "labels" and mp["measured_on"] == "12 held-out labelled images"
+    numels = {n: int(t.numel()) for n, t in rec.int_weights.items()}
+    assert mean_weight_bits(rec.plan, numels) <= 5.5
+    assert {lp.name: f"w{lp.weight.bits}a8" for lp in rec.plan.layers} == mp["layers"]
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for p in sorted(Path(tiny_images).rglob("*.png")):
+        (flat / f"{p.parent.name}_{p.name}").write_bytes(p.read_bytes())
+    for data, args, frag in [
+            (tiny_images, ["--heldout-images", "17"], "--heldout-images 17 needs that many labelled images outside "
+                                                      "the 8 calibration images"),
+            (flat, [], "and no class subfolders"),
+            (tiny_images, ["--allocator", "greedy", "--heldout-images", "4"],
+             "--heldout-images goes with --allocator labels"),
+            (tiny_images, ["--heldout-images", "0"], "--heldout-images must be positive")]:
+        bad = tmp_path / "bad"
+        allocator = [] if "--allocator" in args else ["--allocator", "labels"]
+        res = qx("calibrate", TINY, "--bits", "auto", "--weight-bits-avg", "5.5", "--data", data, "--num-samples", "8",
+                 "-q", "-o", bad, *allocator, *args)
+        assert_user_error(res, frag)
+        assert not bad.exists()
+
+
+def test_no_floor_lets_the_label_allocator_go_one_bit_below_at_an_equal_size(tmp_path, tiny_images, qx):
+    from qexport.mixed.greedy import candidate_widths
+
+    assert candidate_widths(4.0) == (4, 5, 6, 8) and candidate_widths(4.0, floor=False) == (3, 4, 5, 6, 8)
+    assert candidate_widths(1.5, floor=False) == (1, 2, 3, 8)
+    out = tmp_path / "nf"
+    res = qx("calibrate", TINY, "--bits", "auto", "--weight-bits-avg", "5", "--allocator", "labels", "--no-floor",
+             "--data", tiny_images, "--num-samples", "8", "--heldout-images", "12", "--method", "mse", "-q", "-o", out)
+    assert res.code == 0, res.err
+    rec = QuantRecipe.load(out)
+    assert rec.metrics["mixed_precision"]["candidate_widths"] == [4, 5, 6, 7, 8]
+    numels = {n: int(t.numel()) for n, t in rec.int_weights.items()}
+    assert mean_weight_bits(rec.plan, numels) <= 5.0
+    res = qx("calibrate", TINY, "--bits", "w4a8", "--no-floor", "--data", tiny_images, "-q", "-o", tmp_path / "bad")
+    assert_user_error(res, "go with --bits auto")

@@ -25,7 +25,9 @@ from qexport.quant.layer_bits import parse_width
 from qexport.quant.spec import BitsConfig
 
 DEFAULT_PROBE = "w3a4,w4a4,w6a6"
-ALLOCATORS = ("knapsack", "greedy")
+ALLOCATORS = ("knapsack", "greedy", "labels")
+GREEDY_ALLOCATORS = ("greedy", "labels")  # whole-model searches (qexport/mixed/greedy.py): weight widths only
+DEFAULT_HELDOUT_IMAGES = 1000
 _STEPS = 4000
 
 
@@ -39,8 +41,11 @@ class AutoBitsConfig:
     sensitivity: str | None = field(default=None, metadata={"help": "sensitivity.json (default: measured now)"})
     probe: str = field(default=DEFAULT_PROBE, metadata={"help": "widths measured when no table is given"})
     floor: bool = field(default=True, metadata={"help": "no layer below the floor of the mean budget"})
-    allocator: str = field(default="knapsack", metadata={"help": "knapsack (per-layer sensitivity table) or greedy "
-                                                                 "(whole-model loss, qexport/mixed/greedy.py)"})
+    allocator: str = field(default="knapsack", metadata={"help": "knapsack (per-layer sensitivity table), greedy "
+                                                                 "(whole-model loss, qexport/mixed/greedy.py) or "
+                                                                 "labels (greedy on held-out cross-entropy)"})
+    heldout_images: int | None = field(default=None, metadata={
+        "help": "--allocator labels: labelled images after the calibration subset (default 1000)"})
 
     def __post_init__(self) -> None:
         if self.weight_bits_avg is None and self.act_bits_avg is None and self.size_kb is None:
@@ -52,14 +57,29 @@ class AutoBitsConfig:
             raise QexportError(f"--size-kb must be positive, got {self.size_kb}")
         if self.allocator not in ALLOCATORS:
             raise QexportError(f"--allocator {self.allocator!r} is not one of {', '.join(ALLOCATORS)}")
-        if self.allocator == "greedy" and self.act_bits_avg is not None:
-            raise QexportError("--allocator greedy chooses weight widths only; for --act-bits-avg use "
+        self._check_greedy()
+
+    def _check_greedy(self) -> None:
+        a = self.allocator
+        if self.heldout_images is not None and a != "labels":
+            raise QexportError("--heldout-images goes with --allocator labels")
+        if self.heldout_images is not None and self.heldout_images < 1:
+            raise QexportError(f"--heldout-images must be positive, got {self.heldout_images}")
+        if a not in GREEDY_ALLOCATORS:
+            return
+        if self.act_bits_avg is not None:
+            raise QexportError(f"--allocator {a} chooses weight widths only; for --act-bits-avg use "
                                "--allocator knapsack")
-        if self.allocator == "greedy" and self.weight_bits_avg is None and self.size_kb is None:
-            raise QexportError("--allocator greedy needs a weight budget: --weight-bits-avg or --size-kb")
-        if self.allocator == "greedy" and self.sensitivity is not None:
-            raise QexportError("--allocator greedy measures the whole model on the calibration images and reads no "
-                               "--sensitivity table; drop one of the two")
+        if self.weight_bits_avg is None and self.size_kb is None:
+            raise QexportError(f"--allocator {a} needs a weight budget: --weight-bits-avg or --size-kb")
+        if self.sensitivity is not None:
+            raise QexportError(f"--allocator {a} measures the whole model and reads no --sensitivity table; drop "
+                               "one of the two")
+
+    @property
+    def heldout_count(self) -> int:
+        """Labelled held-out images ``--allocator labels`` measures on."""
+        return self.heldout_images or DEFAULT_HELDOUT_IMAGES
 
 
 def weight_budgets(weight_bits_avg: float | None, size_kb: float | None, total: int) -> list[tuple[float, str]]:
@@ -223,7 +243,7 @@ def bits_config(alloc: dict, quantized_acts: bool = True) -> BitsConfig:
 
 
 def allocate_for_run(auto: AutoBitsConfig, model: str, folded, target: str, data, seed: int,
-                     keep_float: tuple[str, ...], quiet: bool) -> tuple[BitsConfig, dict]:
+                     keep_float: tuple[str, ...], quiet: bool, heldout=None) -> tuple[BitsConfig, dict]:
     """``calibrate --bits auto``: read or measure the sensitivity table, allocate, return the BitsConfig.
 
     Args:
@@ -235,6 +255,7 @@ def allocate_for_run(auto: AutoBitsConfig, model: str, folded, target: str, data
         seed: seed.
         keep_float: layers left in float.
         quiet: no progress bar.
+        heldout: ``(images, labels)`` outside the calibration subset, for ``--allocator labels``.
 
     Returns:
         (the BitsConfig, a summary for the recipe's metrics).
@@ -242,8 +263,8 @@ def allocate_for_run(auto: AutoBitsConfig, model: str, folded, target: str, data
     from qexport.mixed.sensitivity import measure_sensitivity, parse_probe_widths
     from qexport.mixed.sensitivity_run import load_table
 
-    if auto.allocator == "greedy":
-        return _greedy_for_run(auto, folded, target, data, keep_float, quiet)
+    if auto.allocator in GREEDY_ALLOCATORS:
+        return _greedy_for_run(auto, folded, target, data, keep_float, quiet, heldout)
     if auto.sensitivity:
         table = load_table(auto.sensitivity)
     elif data is None:
@@ -272,23 +293,31 @@ def allocate_for_run(auto: AutoBitsConfig, model: str, folded, target: str, data
 
 
 def _greedy_for_run(auto: AutoBitsConfig, folded, target: str, data, keep_float: tuple[str, ...],
-                    quiet: bool) -> tuple[BitsConfig, dict]:
+                    quiet: bool, heldout=None) -> tuple[BitsConfig, dict]:
     """``--allocator greedy``: weight widths from the whole-model loss on (at most 256) calibration images;
-    every input at 8 bits."""
+    ``labels``: from the cross-entropy of the labelled ``heldout`` images. Every input at 8 bits."""
     from qexport.mixed.greedy import candidate_widths, greedy_allocation
     from qexport.quant.plan import build_plan
 
+    if auto.allocator == "labels" and heldout is None:
+        raise QexportError("--allocator labels measures the model on labelled images outside the calibration "
+                           "subset: pass --data DIR with one subfolder per class")
     if data is None:
-        raise QexportError("--bits auto --allocator greedy measures the model on calibration images: pass --data DIR")
+        raise QexportError(f"--bits auto --allocator {auto.allocator} measures the model on calibration images: "
+                           "pass --data DIR")
     plan = build_plan(folded, target, BitsConfig(8, 8), tuple(keep_float))
     total = sum(int(folded.get_submodule(lp.name).weight.numel()) for lp in plan.layers)
     budget, _ = min(weight_budgets(auto.weight_bits_avg, auto.size_kb, total))
-    widths = candidate_widths(budget / total)
-    res = greedy_allocation(folded, target, data[:256], budget, widths=widths, keep_float=keep_float, quiet=quiet)
+    widths = candidate_widths(budget / total, auto.floor)
+    images, labels = heldout if auto.allocator == "labels" else (data[:256], None)
+    res = greedy_allocation(folded, target, images, budget, widths=widths, keep_float=keep_float, labels=labels,
+                            quiet=quiet)
     layers = {lp.name: (res["widths"][lp.name], 8 if lp.input_point else None) for lp in plan.layers}
     bits = sum(int(folded.get_submodule(n).weight.numel()) * w for n, (w, _) in layers.items())
     alloc = {"layers": layers}
-    info = {"allocator": "greedy", "candidate_widths": list(widths), "mean_weight_bits": bits / total,
+    kind = "held-out labelled" if labels is not None else "calibration"
+    info = {"allocator": auto.allocator, "measured_on": f"{len(images)} {kind} images",
+            "candidate_widths": list(widths), "mean_weight_bits": bits / total,
             "weight_kb": bits / 8192, "mean_act_bits": 8.0, "measured_loss": res["loss"], "rounds": res["rounds"],
             "layers": {n: f"w{w}a{a if a else 32}" for n, (w, a) in layers.items()},
             "budget": {"weight_bits_avg": auto.weight_bits_avg, "size_kb": auto.size_kb, "act_bits_avg": None}}

@@ -7,7 +7,10 @@ and each round raises the one layer (to one of the higher widths) that lowers th
 weight-quantized model most per added weight bit, until the budget is spent or no raise helps. Weights are
 fake-quantized with the same per-channel mse scales the recipe's ``mse`` calibration uses, activations stay in
 float (they do not change which weights matter), and the loss is the output KL (or logit MSE) against the float
-model on calibration images, so no label is needed.
+model on calibration images, so no label is needed. ``--allocator labels`` runs the same search on the
+cross-entropy of labelled images outside the calibration subset instead: the loss the deployed model is judged
+by, rather than its distance from the float model (which, at these widths, does not order allocations as top-1
+does: docs/mixed_precision.md).
 
 Cost: one forward pass over the images per measured raise. The search is lazy: a raise's last measured gain per
 bit bounds its gain now (raising other layers seldom makes a raise more useful), so each round re-measures
@@ -19,6 +22,7 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
 
 from qexport.calibrators.base import set_weight_scales
 from qexport.errors import QexportError
@@ -29,17 +33,20 @@ from qexport.quant.quantsim import QuantSim
 from qexport.quant.spec import BitsConfig
 
 
-def candidate_widths(budget_bits_avg: float) -> tuple[int, ...]:
-    """The widths the greedy allocator chooses from at a mean budget: the floor of the mean, the next two, 8.
+def candidate_widths(budget_bits_avg: float, floor: bool = True) -> tuple[int, ...]:
+    """The widths the greedy allocators choose from at a mean budget: the floor of the mean, the next two, 8;
+    without ``floor``, one bit below the floor too (so some layers can pay for others at an equal size).
 
     Args:
         budget_bits_avg: mean weight bits.
+        floor: no width below the floor of the mean.
 
     Returns:
-        Sorted widths, e.g. (4, 5, 6, 8) at 4.5.
+        Sorted widths, e.g. (4, 5, 6, 8) at 4.5, (3, 4, 5, 6, 8) at 4.0 without the floor.
     """
     low = max(1, min(8, int(budget_bits_avg + 1e-9)))
-    return tuple(sorted({low, min(low + 1, 8), min(low + 2, 8), 8}))
+    below = () if floor or low == 1 else (low - 1,)
+    return tuple(sorted({*below, low, min(low + 1, 8), min(low + 2, 8), 8}))
 
 
 def fake_quantized_weights(folded, target: str, widths, keep_float) -> dict[int, dict[str, torch.Tensor]]:
@@ -65,13 +72,14 @@ def fake_quantized_weights(folded, target: str, widths, keep_float) -> dict[int,
 
 class MixedWidthModel:
     """The float model with each layer's weight replaced by its fake-quantized weight at the width ``set`` chose;
-    ``loss()`` is the output loss against the float model on ``data``."""
+    ``loss()`` is the output loss against the float model on ``data`` or, with ``labels``, the cross-entropy."""
 
     def __init__(self, folded, quantized: dict[int, dict[str, torch.Tensor]], data: torch.Tensor, metric: str,
-                 batch_size: int):
+                 batch_size: int, labels: torch.Tensor | None = None):
         self.model = copy.deepcopy(folded).eval()
         self.quantized, self.data, self.metric, self.batch_size = quantized, data, metric, batch_size
-        self.ref = self.logits()
+        self.labels = labels
+        self.ref = self.logits() if labels is None else None
 
     def logits(self) -> torch.Tensor:
         return batched_logits(self.model, self.data, self.batch_size)
@@ -81,23 +89,26 @@ class MixedWidthModel:
             self.model.get_submodule(layer).weight.copy_(self.quantized[width][layer])
 
     def loss(self) -> float:
+        if self.labels is not None:
+            return float(F.cross_entropy(self.logits().double(), self.labels))
         return output_loss(self.ref, self.logits(), self.metric)
 
 
 def greedy_allocation(folded, target: str, data: torch.Tensor, budget_bits: float, *,
                       widths: tuple[int, ...] = (4, 5, 6, 8), metric: str = "kl", keep_float: tuple[str, ...] = (),
-                      batch_size: int = 128, quiet: bool = False) -> dict:
+                      batch_size: int = 128, labels: torch.Tensor | None = None, quiet: bool = False) -> dict:
     """Per-layer weight widths under a budget, raised greedily by measured gain per bit (module docstring).
 
     Args:
         folded: the BN-folded float model.
         target: plan target (which layers are quantized).
-        data: calibration images (the loss is measured on them).
+        data: the images the loss is measured on (calibration images, or labelled held-out ones).
         budget_bits: total integer weight bits allowed (mean bits x weight count, or 8 x bytes).
         widths: the widths to choose from; every layer starts at the lowest.
-        metric: ``kl`` or ``mse`` of the logits against the float model.
+        metric: ``kl`` or ``mse`` of the logits against the float model (ignored with ``labels``).
         keep_float: layers left in float.
         batch_size: images per forward pass.
+        labels: labels of ``data``: minimise their cross-entropy instead of the distance from the float model.
         quiet: no progress bar.
 
     Returns:
@@ -116,7 +127,7 @@ def greedy_allocation(folded, target: str, data: torch.Tensor, budget_bits: floa
         total = sum(numel.values())
         raise QexportError(f"the weight budget is below every layer at {widths[0]} bits ({spent / total:.2f} mean "
                            f"weight bits, {spent / 8192:.2f} KB); raise the budget")
-    mixed = MixedWidthModel(folded, quantized, data, metric, batch_size)
+    mixed = MixedWidthModel(folded, quantized, data, metric, batch_size, labels)
     for n, w in cur.items():
         mixed.set(n, w)
     with progress_bar(None, "greedy widths", quiet) as bar:

@@ -42,7 +42,8 @@ class SensitivityConfig:
             raise QexportError(f"--batch-size must be positive, got {self.batch_size}")
 
 
-def load_calibration(folder, preprocess, num_samples: int, seed: int, heldout: int = 0, quiet: bool = False):
+def load_calibration(folder, preprocess, num_samples: int, seed: int, heldout: int = 0, quiet: bool = False,
+                     flag: str = "--heldout", skip_calibration: bool = False):
     """The calibration subset ``load_tensor`` takes, and optionally ``heldout`` labelled images outside it.
 
     Args:
@@ -52,6 +53,8 @@ def load_calibration(folder, preprocess, num_samples: int, seed: int, heldout: i
         seed: permutation seed (the same as calibrate's subset).
         heldout: held-out images (0: none).
         quiet: no progress bar.
+        flag: the option that asked for the held-out images (named in the error).
+        skip_calibration: load only the held-out images (x and y are then None).
 
     Returns:
         (x, y, heldout (x, y) or None).
@@ -63,11 +66,11 @@ def load_calibration(folder, preprocess, num_samples: int, seed: int, heldout: i
     take = perm[: min(num_samples, n)] if num_samples < n else list(range(n))
     rest = perm[num_samples : num_samples + heldout] if heldout else []
     if heldout and (not folder.labelled or len(rest) < heldout):
-        raise QexportError(f"--heldout {heldout} needs that many labelled images outside the {num_samples} "
+        raise QexportError(f"{flag} {heldout} needs that many labelled images outside the {num_samples} "
                            f"calibration images; {folder.root} has {max(n - num_samples, 0)}"
                            + ("" if folder.labelled else " and no class subfolders"))
     out = []
-    for idx in (take, rest):
+    for idx in ([] if skip_calibration else take, rest):
         if not idx:
             out.append(None)
             continue
@@ -78,7 +81,8 @@ def load_calibration(folder, preprocess, num_samples: int, seed: int, heldout: i
                 ys.append(y)
                 bar.advance(1)
         out.append((torch.cat(xs), torch.cat(ys)))
-    return out[0][0], out[0][1], out[1]
+    calib = out[0] or (None, None)
+    return calib[0], calib[1], out[1]
 
 
 def run_sensitivity(cfg: SensitivityConfig) -> tuple[dict, Path]:
