@@ -4,14 +4,17 @@ weight widths vs uniform W4A8 vs random per-layer allocations at the same mean w
     python bench/mixed_precision.py                       # budget 4.5, 5 random seeds, all test-dev
     python bench/mixed_precision.py --eval-samples 1000 --random-seeds 2 --table runs/sens20
 
-Steps: the greedy allocation (``--bits auto --allocator greedy``: whole-model loss, widths 4, 5, 6, 8); one
+Steps: the greedy allocations (``--bits auto --allocator greedy``: whole-model KL against the float model on
+calibration images; ``--allocator labels``: whole-model cross-entropy on the 1,000 labelled training images right
+after the calibration subset; widths 4, 5, 6, 8; and once at the size of uniform W4A8, mean 4.0, with 3-bit
+layers allowed); one
 sensitivity table (``qexport sensitivity`` at the default probe widths w3a4,w4a4,w6a6 on 128
 calibration images: only its weight column is used here); for each budget ``--bits auto --weight-bits-avg B``
 (knapsack; by default no layer below the floor of the mean, and once without that rule) and random allocations
 from the same widths {4, 6, 8} filling the same budget; uniform W4A8 as the reference. Every recipe: mse, 512
-training images, seed 0. Top-1 of QuantSim on held-out training images (outside the calibration subset: where
-choices are made) and on test-dev (final figures); the auto recipe also goes through an ONNX Runtime engine
-(engine vs QuantSim agreement).
+training images, seed 0 (`--seed`). Top-1 of QuantSim on held-out training images (outside the calibration
+subset and the label allocator's images: where choices are made) and on test-dev (final figures); one auto
+recipe also goes through an ONNX Runtime engine (engine vs QuantSim agreement).
 """
 
 from __future__ import annotations
@@ -68,13 +71,15 @@ def top1(recipe_dir: Path, x: torch.Tensor, y: torch.Tensor) -> float:
     return 100.0 * float((pred == y).double().mean())
 
 
-def heldout_training(train: Path, pre, num_calib: int, count: int):
-    """``count`` training images outside the calibration subset (the same seeded permutation, seed 0)."""
+def heldout_training(train: Path, pre, num_calib: int, count: int, skip: int, seed: int = 0):
+    """``count`` training images outside the calibration subset and the ``skip`` images after it (the label
+    allocator's), from the same seeded permutation."""
     from qexport.data import ImageFolder
     from qexport.mixed.sensitivity_run import load_calibration
 
-    _, _, held = load_calibration(ImageFolder(train, pre), pre, num_calib, 0, heldout=count, quiet=True)
-    return held
+    _, _, (x, y) = load_calibration(ImageFolder(train, pre), pre, num_calib, seed, heldout=skip + count, quiet=True,
+                                    skip_calibration=True)
+    return x[skip:], y[skip:]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,10 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sens-samples", type=int, default=128, help="calibration images of the sensitivity table")
     ap.add_argument("--table", default=None, help="sensitivity folder to reuse (written there when missing)")
     ap.add_argument("--heldout", type=int, default=2000, help="held-out training images (choices)")
+    ap.add_argument("--label-images", type=int, default=1000, help="images the label allocator measures on")
     ap.add_argument("--eval-samples", type=int, default=None, help="test-dev subset (default all 5,000)")
     ap.add_argument("--num-samples", type=int, default=512)
+    ap.add_argument("--seed", type=int, default=0, help="calibration subset (so also the held-out images)")
     ap.add_argument("--skip-below-floor", action="store_true", help="leave out the knapsack without the floor rule")
-    ap.add_argument("--engine-recipe", default="greedy", choices=("greedy", "sensitivity"),
+    ap.add_argument("--engine-recipe", default="labels", choices=("labels", "greedy", "sensitivity"),
                     help="the allocation also run through an ONNX Runtime engine")
     args = ap.parse_args(argv)
     train, test, ckpt = cifar_images("train"), cifar_images("test-dev"), cifar_checkpoint(20)
@@ -95,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         print("shared folder with CIFAR-10 images / ResNet-20 checkpoint not found; nothing to measure")
         return 0
     pre = load_model("cifar:resnet20").preprocess
-    sets = {"held-out train": heldout_training(train, pre, args.num_samples, args.heldout),
+    sets = {"held-out train": heldout_training(train, pre, args.num_samples, args.heldout, args.label_images,
+                                                 args.seed),
             "test-dev": load_tensor(test, pre, num_samples=args.eval_samples, seed=0)}
     print("images: " + ", ".join(f"{k} {len(v[1])}" for k, v in sets.items()), flush=True)
     t_start = time.time()
@@ -106,13 +114,13 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.time()
             run_sensitivity(SensitivityConfig(model="cifar:resnet20", output=sens, data=str(train),
                                               bits="w3a4,w4a4,w6a6", weights=str(ckpt),
-                                              num_samples=args.sens_samples, quiet=True))
+                                              num_samples=args.sens_samples, seed=args.seed, quiet=True))
             print(f"sensitivity table: {time.time() - t0:.0f} s wall", flush=True)
         table = load_table(sens)
         print("most sensitive (4-bit weights): " + ", ".join(
             r["layer"] for r in sorted(table["layers"], key=lambda r: -r["loss"]["w4a4"]["weight"])[:4]), flush=True)
         base = dict(model="cifar:resnet20", weights=str(ckpt), method="mse", data=str(train),
-                    num_samples=args.num_samples, seed=0, quiet=True)
+                    num_samples=args.num_samples, seed=args.seed, quiet=True)
         results: dict[str, list] = {}
 
         def run(name: str, **kw) -> None:
@@ -124,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
             results[name] = [mean_weight_bits(rec.plan, numels), accs]
             print(f"{name:<34} mean weight bits {results[name][0]:.3f}  "
                   + "  ".join(f"{k} {v:.2f}" for k, v in accs.items()) + f"  ({time.time() - t:.0f} s)", flush=True)
+            low = min(lp.weight.bits for lp in rec.plan.layers)
+            print("    above {}: ".format(low) + ", ".join(f"{lp.name} {lp.weight.bits}" for lp in rec.plan.layers
+                                                        if lp.weight.bits > low), flush=True)
 
         b = args.budget
         run("uniform w4a8", bits="w4a8")
@@ -132,6 +143,11 @@ def main(argv: list[str] | None = None) -> int:
             run(f"sensitivity avg {b:g}, below floor", bits="auto",
                 auto_bits=AutoBitsConfig(weight_bits_avg=b, sensitivity=str(sens), floor=False))
         run(f"greedy avg {b:g}", bits="auto", auto_bits=AutoBitsConfig(weight_bits_avg=b, allocator="greedy"))
+        run(f"labels avg {b:g}", bits="auto", auto_bits=AutoBitsConfig(weight_bits_avg=b, allocator="labels",
+                                                                        heldout_images=args.label_images))
+        low = int(b)  # the size of uniform W{low}A8: layers may go one bit below it to pay for others
+        run(f"labels avg {low}, no floor", bits="auto", auto_bits=AutoBitsConfig(
+            weight_bits_avg=float(low), allocator="labels", heldout_images=args.label_images, floor=False))
         numels = {r["layer"]: r["weights"] for r in table["layers"]}
         rand = []
         for s in range(args.random_seeds):
