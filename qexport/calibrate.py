@@ -105,6 +105,7 @@ def calibrate(cfg: CalibrateConfig) -> Path:
     loaded = load_model(cfg.model, cfg.weights, input_size=cfg.input_size, mean=cfg.mean, std=cfg.std)
     folded = fold_batchnorm(loaded.model)
     plan = build_plan(folded, cfg.target, bits, tuple(cfg.keep_float))
+    heldout = _allocator_heldout(cfg, loaded, quiet)  # first: an unlabelled folder fails before any loading
     data, labels, data_fp = _calibration_data(cfg, info, loaded, quiet)
     if hasattr(method_cfg, "check_plan"):  # options that depend on the plan (e.g. md's levels vs the widths)
         method_cfg.check_plan(plan)
@@ -113,7 +114,7 @@ def calibrate(cfg: CalibrateConfig) -> Path:
         from qexport.mixed.allocate import allocate_for_run
 
         bits, allocation = allocate_for_run(cfg.auto_bits, cfg.model, folded, cfg.target, data, cfg.seed,
-                                            cfg.keep_float, cfg.quiet, _allocator_heldout(cfg, loaded, quiet))
+                                            cfg.keep_float, cfg.quiet, heldout)
         plan = build_plan(folded, cfg.target, bits, tuple(cfg.keep_float))
     sim = QuantSim(folded, plan)
     work = work_dir_for(Path(cfg.output))
@@ -157,8 +158,9 @@ def _checked_bits(cfg: CalibrateConfig, info) -> BitsConfig:
     if auto and cfg.auto_bits is None:
         raise QexportError("--bits auto needs a budget: --weight-bits-avg 4.5, --size-kb 100 or --act-bits-avg 6")
     if not auto and cfg.auto_bits is not None:
-        raise QexportError("--weight-bits-avg, --act-bits-avg, --size-kb, --allocator, --heldout-images and "
-                           "--floor/--no-floor go with --bits auto")
+        from qexport.mixed.allocate import AUTO_ONLY_FLAGS
+
+        raise QexportError(AUTO_ONLY_FLAGS)
     bits = BitsConfig(8, 8) if auto else resolve_bits(cfg.bits, cfg.layer_bits, cfg.first_last_bits)
     check_output_free(cfg.output, cfg.force)
     if cfg.num_samples <= 0:

@@ -52,10 +52,10 @@ def _auto_bits(bits: str, weight_avg: Optional[float], act_avg: Optional[float],
                floor: Optional[bool] = None):
     if all(v is None for v in (weight_avg, act_avg, size_kb, sensitivity, allocator, heldout_images, floor)):
         return None
-    if bits.strip().lower() != "auto":
-        raise QexportError("--weight-bits-avg, --act-bits-avg, --size-kb, --sensitivity, --allocator, "
-                           "--heldout-images and --floor/--no-floor go with --bits auto")
-    from qexport.mixed.allocate import AutoBitsConfig
+    from qexport.mixed.allocate import AUTO_ONLY_FLAGS, AutoBitsConfig
+
+    if bits.strip().lower() != "auto":  # before AutoBitsConfig, whose own checks would name the wrong problem
+        raise QexportError(AUTO_ONLY_FLAGS)
 
     return AutoBitsConfig(weight_bits_avg=weight_avg, act_bits_avg=act_avg, size_kb=size_kb,
                           sensitivity=str(sensitivity) if sensitivity else None, allocator=allocator or "knapsack",

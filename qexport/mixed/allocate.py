@@ -28,6 +28,8 @@ DEFAULT_PROBE = "w3a4,w4a4,w6a6"
 ALLOCATORS = ("knapsack", "greedy", "labels")
 GREEDY_ALLOCATORS = ("greedy", "labels")  # whole-model searches (qexport/mixed/greedy.py): weight widths only
 DEFAULT_HELDOUT_IMAGES = 1000
+AUTO_ONLY_FLAGS = ("--weight-bits-avg, --act-bits-avg, --size-kb, --sensitivity, --allocator, --heldout-images and "
+                   "--floor/--no-floor go with --bits auto")
 _STEPS = 4000
 
 
