@@ -29,6 +29,8 @@ sys.path.insert(0, str(REPO))
 SHARED = Path(os.environ.get("QEXPORT_SHARED", REPO.parent / "shared"))
 WEIGHTS = SHARED / "models/cifar10/resnet20-12fca82f.th"
 TRAIN = SHARED / "data/cifar10/train"
+WARM_STARTS = {(True, False): "inverse-map latent weights", (False, True): "output refit",
+               (True, True): "inverse map + output refit"}  # (inverse map, output refit) -> row label
 VARIANTS = {"uniform (ste)": None, "weights aligned": {"align": "weights"},
             "activations aligned": {"align": "activations"}, "both aligned (alignq)": {}}
 
@@ -39,7 +41,10 @@ def inverse_latent(w, iters: int = 40):
 
     flat = w.reshape(w.shape[0], -1).double()
     lo, hi = flat.abs().amax(1, keepdim=True) * 1.0001, flat.abs().amax(1, keepdim=True) * 100
-    latent = lambda a: math.sqrt(2) * torch.erfinv((flat / a).clamp(-0.999999, 0.999999))  # noqa: E731
+
+    def latent(a):
+        return math.sqrt(2) * torch.erfinv((flat / a).clamp(-0.999999, 0.999999))
+
     for _ in range(iters):  # std(latent) falls as A grows: find A with std 1
         mid = (lo + hi) / 2
         big = latent(mid).std(1, unbiased=False, keepdim=True) > 1
@@ -47,7 +52,7 @@ def inverse_latent(w, iters: int = 40):
     return latent(hi).reshape(w.shape).float()
 
 
-def warm_start(task, refit: bool, inverse: bool = True) -> None:
+def warm_start(task, inverse: bool, refit: bool) -> None:
     """Inverse-map every aligned layer's latent weights (least-squares scales) and/or refit scale and bias."""
     import torch
 
@@ -111,7 +116,7 @@ def refit_outputs(sim, x, layers: dict, ref: dict) -> None:
                 layer.bias.copy_((ref[name] - a.view(view) * core).mean(dims))
 
 
-def start_top1(options: dict | None, images: int, warm: str | None = None) -> float:
+def start_top1(options: dict | None, images: int, warm: tuple[bool, bool] | None = None) -> float:
     """Held-out top-1 (%) of the QAT trainer's network before its first step."""
     from qexport.calibrators.alignq import AlignQConfig, AlignQMethod, aligned_quantsim
     from qexport.calibrators.base import CalibrationContext
@@ -136,7 +141,7 @@ def start_top1(options: dict | None, images: int, warm: str | None = None) -> fl
         ctx.sim, points = aligned_quantsim(ctx, cfg)
         task = QATTask(ctx, cfg, AlignQMethod(cfg, points))
         if warm:
-            warm_start(task, refit=warm != "inverse", inverse=warm != "refit")
+            warm_start(task, *warm)
     return task.evaluate()
 
 
@@ -153,8 +158,7 @@ def main() -> int:
         print(f"| {name} | {start_top1(options, args.images):.2f} % |", flush=True)
     if args.warm_starts:
         for name, options in (("weights aligned", {"align": "weights"}), ("both aligned (alignq)", {})):
-            for warm, label in (("inverse", "inverse-map latent weights"), ("refit", "output refit"),
-                                ("both", "inverse map + output refit")):
+            for warm, label in WARM_STARTS.items():
                 print(f"| {name}, {label} | {start_top1(options, args.images, warm):.2f} % |", flush=True)
     return 0
 
