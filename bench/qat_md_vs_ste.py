@@ -54,6 +54,7 @@ def _options(args) -> dict:
     opts = {"time_budget": args.budget} if args.budget else {"epochs": args.epochs}
     if args.batch_size:
         opts["batch_size"] = args.batch_size
+    opts.update(dict(kv.split("=", 1) for kv in args.opt))
     return opts
 
 
@@ -76,6 +77,7 @@ def run_fp32(args, xt, yt, curve: list) -> dict:
     from qexport.calibrators.qat import FloatMethod, QATConfig
     from qexport.calibrators.qat_task import train
     from qexport.models import fold_batchnorm, load_model
+    from qexport.options import build_config
     from qexport.quant.plan import build_plan
     from qexport.quant.quantsim import QuantSim
     from qexport.quant.spec import BitsConfig
@@ -87,7 +89,7 @@ def run_fp32(args, xt, yt, curve: list) -> dict:
     before = top1(folded, xt, yt)
     ctx = CalibrationContext(sim=sim, folded=folded, model=loaded, data=None, labels=None, seed=args.seed,
                              quiet=args.quiet, data_dir=TRAIN, callbacks=_callbacks(curve, xt, yt, args.curve))
-    metrics = train(ctx, QATConfig(**_options(args)), FloatMethod())
+    metrics = train(ctx, build_config(QATConfig, _options(args), "fp32", from_text=True), FloatMethod())
     with sim.quant_disabled():
         after = top1(sim, xt, yt)
     return {"test_top1": after, "original_top1": before, "metrics": metrics}
@@ -153,6 +155,8 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--runs", default=",".join(RUNS))
+    ap.add_argument("--opt", action="append", default=[], help="a trainer or method option key=value for every run "
+                    "(e.g. distill=0.5); the fp32 run takes the trainer's")
     ap.add_argument("--engine", default="", help="runs whose recipe is also exported and verified on an engine")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch and engine threads (1 on a shared machine: 2 threads ran 10x slower under load)")

@@ -95,6 +95,46 @@ def test_ste_learns_step_sizes(labelled):
 
 
 
+# ---------------------------------------------------------------- distillation
+def test_distillation_loss_is_the_tempered_kl():
+    from qexport.calibrators.qat_task import distillation_loss
+
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(5, 4, generator=g), torch.randn(5, 4, generator=g)
+    assert float(distillation_loss(t, t, 2.0)) == pytest.approx(0.0, abs=1e-6)
+    p, q = torch.softmax(s / 2, 1), torch.softmax(t / 2, 1)
+    by_hand = 4.0 * (q * (q.log() - p.log())).sum(1).mean()  # T^2 KL(teacher || student), batch mean
+    assert float(distillation_loss(s, t, 2.0)) == pytest.approx(float(by_hand), rel=1e-5)
+
+
+def _distilled_weights(data: Path, distill: float, label_shift: int) -> dict:
+    """ste W4A4 for 3 steps with the labels shifted by ``label_shift`` classes; the trained weights."""
+    from qexport.calibrators.qat import QATConfig
+    from qexport.calibrators.qat_task import QATTask
+    from qexport.calibrators.ste import SteMethod
+    from qexport.training import qat_data
+
+    task = QATTask(_ctx(data, "w4a4"), QATConfig(batch_size=8, lr=1e-2, distill=distill), SteMethod())
+    g = torch.Generator().manual_seed(0)
+    order = qat_data.epoch_order(task.split, 0, 0)
+    for i in range(3):
+        x, y = qat_data.train_batch(task.split, order[i * 8 : (i + 1) * 8], g)
+        m = task.update(x, (y + label_shift) % 4, i / 3)
+    assert ("kd" in m) == (distill > 0)
+    return {k: v.detach().clone() for k, v in task.sim.state_dict().items()}
+
+
+def test_full_distillation_follows_the_float_model_not_the_labels(labelled):
+    """distill=1 trains on the float model's outputs alone: wrong labels change nothing; at 0.5 they do."""
+    for distill, same in ((1.0, True), (0.5, False)):
+        a, b = _distilled_weights(labelled, distill, 0), _distilled_weights(labelled, distill, 1)
+        assert all(torch.equal(a[k], b[k]) for k in a) == same, distill
+    with pytest.raises(QexportError, match="distill must be in"):
+        from qexport.calibrators.qat import QATConfig
+
+        QATConfig(distill=1.5)
+
+
 @pytest.mark.parametrize("method", ["ste", "md"])
 def test_activation_scales_start_from_the_prepared_weights(labelled, method, monkeypatch):
     """Activation ranges are observed on the network training starts from: the method's weight scales, not

@@ -109,6 +109,8 @@ class QATConfig:
     max_images: Optional[int] = field(default=None, metadata={"help": "Train on a seeded subset of this many images (default all)."})
     act_init_images: int = field(default=512, metadata={"help": "Training images used to initialise activation scales (percentile)."})
     learn_act_scales: bool = field(default=True, metadata={"help": "Learn activation step sizes (LSQ) during training."})
+    distill: float = field(default=0.0, metadata={"help": "Weight of distillation from the float model, in [0, 1]: loss = (1-d) CE + d T^2 KL(float || quantized) (0: off)."})
+    distill_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature T of the distillation term (> 0)."})
 
     def __post_init__(self) -> None:
         if self.epochs is not None and self.epochs <= 0:
@@ -134,6 +136,10 @@ class QATConfig:
             raise QexportError(f"--max-images must be positive, got {self.max_images}")
         if self.act_init_images <= 0:
             raise QexportError(f"--act-init-images must be positive, got {self.act_init_images}")
+        if not 0 <= self.distill <= 1:
+            raise QexportError(f"--distill must be in [0, 1] (the distillation term's weight), got {self.distill}")
+        if not self.distill_temperature > 0:
+            raise QexportError(f"--distill-temperature must be positive, got {self.distill_temperature}")
 
     @property
     def budget_seconds(self) -> float | None:

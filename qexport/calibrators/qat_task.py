@@ -11,6 +11,7 @@ share of the training folder is scored after every epoch, and ``--select-epoch``
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -60,6 +61,7 @@ class QATTask:
         self.optimizer = self._optimizer(groups)
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.model = D.wrap_ddp(ctx.dist, self.sim)
+        self.teacher = _frozen_teacher(ctx.folded, ctx.device) if cfg.distill > 0 else None
         self.gen = torch.Generator()
         self.steps_per_epoch = math.ceil(math.ceil(len(self.split.train_idx) / self.world) / cfg.batch_size)
         self.best: tuple[float, dict] | None = None
@@ -139,8 +141,15 @@ class QATTask:
         x, y = x.to(self.ctx.device), y.to(self.ctx.device)
         logits = self.model(x)
         loss = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
+        total, out = loss, {}
+        if self.teacher is not None:
+            with torch.no_grad():
+                target = self.teacher(x)
+            kd = distillation_loss(logits, target, self.cfg.distill_temperature)
+            total = (1.0 - self.cfg.distill) * loss + self.cfg.distill * kd
+            out["kd"] = float(kd.detach())
         extra = self.method.extra_loss(self.sim, logits, y)
-        total = loss if extra is None else loss + extra
+        total = total if extra is None else total + extra
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         self.optimizer.step()
@@ -148,7 +157,8 @@ class QATTask:
             for aq in self.sim.act_quantizers().values():
                 aq.scale.clamp_(min=1e-8)
             self.sim.apply_shared_scales()
-        out = {"loss": float(loss.detach()), "acc": float((logits.argmax(1) == y).float().mean()), "lr": self.base_lrs[0] * f}
+        out.update({"loss": float(loss.detach()), "acc": float((logits.argmax(1) == y).float().mean()),
+                    "lr": self.base_lrs[0] * f})
         out.update(self.method.after_step(progress if progress_after is None else progress_after))
         return out
 
@@ -189,6 +199,33 @@ class QATTask:
 
     def load_rank_state_dict(self, st: dict) -> None:
         self.gen.set_state(st["gen"])
+
+
+def _frozen_teacher(folded: torch.nn.Module, device) -> torch.nn.Module:
+    """A frozen copy of the BN-folded float model, in eval mode, for the distillation targets."""
+    teacher = copy.deepcopy(folded).to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def distillation_loss(logits: torch.Tensor, target_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton's distillation term: ``T^2 * KL(softmax(target / T) || softmax(logits / T))``, batch mean.
+
+    The ``T^2`` keeps the gradient's size independent of the temperature.
+
+    Args:
+        logits: the trained (quantized) network's logits.
+        target_logits: the float teacher's logits for the same batch (no gradient).
+        temperature: T > 0.
+
+    Returns:
+        Scalar loss.
+    """
+    t = temperature
+    log_p = F.log_softmax(logits / t, dim=1)
+    log_q = F.log_softmax(target_logits / t, dim=1)
+    return F.kl_div(log_p, log_q, log_target=True, reduction="batchmean") * (t * t)
 
 
 def train(ctx, cfg: QATConfig, method: QATMethod) -> dict:
