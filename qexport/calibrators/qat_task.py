@@ -132,7 +132,8 @@ class QATTask:
             progress_after: fraction done after it (drives the method's annealing; default ``progress``).
 
         Returns:
-            Metrics: loss, batch accuracy, lr and the method's own.
+            Metrics: loss (the cross-entropy), batch accuracy, lr, the distillation term ``kd`` when on, and the
+            method's own.
         """
         self.sim.train()
         f = self.lr_factor(progress)
