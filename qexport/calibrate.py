@@ -205,13 +205,10 @@ def _allocator_heldout(cfg: CalibrateConfig, loaded, quiet: bool):
     if cfg.auto_bits is None or cfg.auto_bits.allocator != "labels" or cfg.data is None:
         return None
     from qexport.data import ImageFolder
-    from qexport.mixed.sensitivity_run import load_calibration
+    from qexport.mixed.sensitivity_run import load_heldout
 
-    folder = ImageFolder(cfg.data, loaded.preprocess)
-    _, _, held = load_calibration(folder, loaded.preprocess, cfg.num_samples, cfg.seed,
-                                  heldout=cfg.auto_bits.heldout_count, quiet=quiet, flag="--heldout-images",
-                                  skip_calibration=True)
-    return held
+    return load_heldout(ImageFolder(cfg.data, loaded.preprocess), cfg.num_samples, cfg.seed,
+                        cfg.auto_bits.heldout_count, quiet=quiet, flag="--heldout-images")
 
 
 def _prepare_work_dir(work: Path, cfg: CalibrateConfig, writer: bool) -> None:

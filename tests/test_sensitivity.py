@@ -275,14 +275,16 @@ def test_no_floor_lets_the_label_allocator_go_one_bit_below_at_an_equal_size(tmp
 def test_label_allocator_images_are_outside_the_calibration_subset(tiny_images):
     """The held-out images come from the permutation calibrate's subset is drawn from: none of them is calibrated on."""
     from qexport.data import ImageFolder, load_tensor
-    from qexport.mixed.sensitivity_run import load_calibration
+    from qexport.mixed.sensitivity_run import load_calibration, load_heldout
     from qexport.models import load_model
 
     pre = load_model(TINY).preprocess
     folder = ImageFolder(tiny_images, pre)
     calib, _ = load_tensor(folder, num_samples=8, seed=3)
-    x, y, (held, held_y) = load_calibration(folder, pre, 8, 3, heldout=12, quiet=True, skip_calibration=True)
-    assert x is None and y is None and len(held) == 12 and (held_y >= 0).all()
+    held, held_y = load_heldout(folder, 8, 3, 12, quiet=True)
+    assert len(held) == 12 and (held_y >= 0).all()
+    x, _, (held2, _) = load_calibration(folder, 8, 3, heldout=12, quiet=True)  # the sensitivity command's path
+    assert torch.equal(x, calib) and torch.equal(held2, held)
 
     def images(t: torch.Tensor) -> set:
         return {tuple(v.flatten().tolist()) for v in t}

@@ -195,7 +195,28 @@ def subset_indices(n: int, num_samples: int | None, seed: int = 0) -> list[int]:
         return list(range(n))
     if num_samples <= 0:
         raise QexportError(f"number of samples must be positive, got {num_samples}")
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:num_samples].tolist()
+    return _permutation(n, seed)[:num_samples]
+
+
+def heldout_indices(n: int, num_samples: int, count: int, seed: int = 0) -> list[int]:
+    """Up to ``count`` indices that :func:`subset_indices` leaves out: the next ones of the same seeded permutation.
+
+    Args:
+        n: dataset size.
+        num_samples: size of the subset they stay outside.
+        count: how many wanted.
+        seed: permutation seed (the subset's).
+
+    Returns:
+        Indices, fewer than ``count`` when the folder is too small (none when the subset takes it all).
+    """
+    if num_samples >= n:
+        return []
+    return _permutation(n, seed)[num_samples : num_samples + count]
+
+
+def _permutation(n: int, seed: int) -> list[int]:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 def load_tensor(

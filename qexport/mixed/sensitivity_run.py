@@ -42,47 +42,60 @@ class SensitivityConfig:
             raise QexportError(f"--batch-size must be positive, got {self.batch_size}")
 
 
-def load_calibration(folder, preprocess, num_samples: int, seed: int, heldout: int = 0, quiet: bool = False,
-                     flag: str = "--heldout", skip_calibration: bool = False):
+def load_heldout(folder, num_samples: int, seed: int, count: int, quiet: bool = False, flag: str = "--heldout"):
+    """``count`` labelled images outside the calibration subset of ``num_samples`` (the next ones of its permutation).
+
+    Args:
+        folder: an ImageFolder with class subfolders.
+        num_samples: calibration images (the subset calibrate takes with ``seed``).
+        seed: permutation seed.
+        count: held-out images wanted.
+        quiet: no progress bar.
+        flag: the option that asked for them (named in the error).
+
+    Returns:
+        (images, labels).
+    """
+    from qexport.data import heldout_indices
+
+    idx = heldout_indices(len(folder), num_samples, count, seed)
+    if not folder.labelled or len(idx) < count:
+        raise QexportError(f"{flag} {count} needs that many labelled images outside the {num_samples} "
+                           f"calibration images; {folder.root} has {max(len(folder) - num_samples, 0)}"
+                           + ("" if folder.labelled else " and no class subfolders"))
+    return _load_indices(folder, idx, quiet)
+
+
+def load_calibration(folder, num_samples: int, seed: int, heldout: int = 0, quiet: bool = False):
     """The calibration subset ``load_tensor`` takes, and optionally ``heldout`` labelled images outside it.
 
     Args:
         folder: an ImageFolder.
-        preprocess: unused when ``folder`` is an ImageFolder (kept for symmetry).
         num_samples: calibration images.
         seed: permutation seed (the same as calibrate's subset).
         heldout: held-out images (0: none).
         quiet: no progress bar.
-        flag: the option that asked for the held-out images (named in the error).
-        skip_calibration: load only the held-out images (x and y are then None).
 
     Returns:
         (x, y, heldout (x, y) or None).
     """
+    from qexport.data import subset_indices
+
+    held = load_heldout(folder, num_samples, seed, heldout, quiet) if heldout else None  # first: fails early
+    x, y = _load_indices(folder, subset_indices(len(folder), num_samples, seed), quiet)
+    return x, y, held
+
+
+def _load_indices(folder, idx: list[int], quiet: bool) -> tuple[torch.Tensor, torch.Tensor]:
     from qexport.data import iter_batches
 
-    n = len(folder)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    take = perm[: min(num_samples, n)] if num_samples < n else list(range(n))
-    rest = perm[num_samples : num_samples + heldout] if heldout else []
-    if heldout and (not folder.labelled or len(rest) < heldout):
-        raise QexportError(f"{flag} {heldout} needs that many labelled images outside the {num_samples} "
-                           f"calibration images; {folder.root} has {max(n - num_samples, 0)}"
-                           + ("" if folder.labelled else " and no class subfolders"))
-    out = []
-    for idx in ([] if skip_calibration else take, rest):
-        if not idx:
-            out.append(None)
-            continue
-        xs, ys = [], []
-        with progress_bar((len(idx) + 63) // 64, "loading images", quiet) as bar:
-            for x, y in iter_batches(folder, 64, idx):
-                xs.append(x)
-                ys.append(y)
-                bar.advance(1)
-        out.append((torch.cat(xs), torch.cat(ys)))
-    calib = out[0] or (None, None)
-    return calib[0], calib[1], out[1]
+    xs, ys = [], []
+    with progress_bar((len(idx) + 63) // 64, "loading images", quiet) as bar:
+        for x, y in iter_batches(folder, 64, idx):
+            xs.append(x)
+            ys.append(y)
+            bar.advance(1)
+    return torch.cat(xs), torch.cat(ys)
 
 
 def run_sensitivity(cfg: SensitivityConfig) -> tuple[dict, Path]:
@@ -103,7 +116,7 @@ def run_sensitivity(cfg: SensitivityConfig) -> tuple[dict, Path]:
     loaded = load_model(cfg.model, cfg.weights)
     folded = fold_batchnorm(loaded.model)
     folder = ImageFolder(cfg.data, loaded.preprocess)
-    x, _, held = load_calibration(folder, loaded.preprocess, cfg.num_samples, cfg.seed, cfg.heldout, cfg.quiet)
+    x, _, held = load_calibration(folder, cfg.num_samples, cfg.seed, cfg.heldout, cfg.quiet)
     started = time.time()
     table = measure_sensitivity(folded, cfg.target, widths, x, heldout=held, metric=cfg.metric,
                                 keep_float=cfg.keep_float, seed=cfg.seed, batch_size=cfg.batch_size, quiet=cfg.quiet)
