@@ -23,13 +23,14 @@ from bench_utils import cpu_seconds
 
 from qexport.calibrate import CalibrateConfig, calibrate
 from qexport.fileio import write_text_atomic
+from qexport.options import parse_opt_pairs
 from qexport.recipe import QuantRecipe
 from qexport.shared import cifar_checkpoint, cifar_images
 
 
 def run_one(args, key: str, value: str, out: Path) -> dict:
     """One calibration with ``key=value`` on top of ``--opt``; its held-out top-1, steps and times."""
-    options = dict(kv.split("=", 1) for kv in args.opt)
+    options = parse_opt_pairs(args.opt)
     options.update({key: value, "time_budget": args.budget})
     t0, c0 = time.time(), cpu_seconds()
     recipe = calibrate(CalibrateConfig(model="cifar:resnet20", weights=str(cifar_checkpoint(20)), output=out,

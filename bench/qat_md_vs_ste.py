@@ -34,6 +34,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from bench.bench_utils import top1  # noqa: E402
+from qexport.options import parse_opt_pairs  # noqa: E402
 
 SHARED = Path(os.environ.get("QEXPORT_SHARED", REPO.parent / "shared"))
 WEIGHTS = SHARED / "models/cifar10/resnet20-12fca82f.th"
@@ -54,7 +55,7 @@ def _options(args) -> dict:
     opts = {"time_budget": args.budget} if args.budget else {"epochs": args.epochs}
     if args.batch_size:
         opts["batch_size"] = args.batch_size
-    opts.update(dict(kv.split("=", 1) for kv in args.opt))
+    opts.update(parse_opt_pairs(args.opt))
     return opts
 
 
