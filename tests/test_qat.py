@@ -129,9 +129,9 @@ def test_full_distillation_follows_the_float_model_not_the_labels(labelled):
     for distill, same in ((1.0, True), (0.5, False)):
         a, b = _distilled_weights(labelled, distill, 0), _distilled_weights(labelled, distill, 1)
         assert all(torch.equal(a[k], b[k]) for k in a) == same, distill
-    with pytest.raises(QexportError, match="distill must be in"):
-        from qexport.calibrators.qat import QATConfig
+    from qexport.calibrators.qat import QATConfig
 
+    with pytest.raises(QexportError, match="distill must be in"):
         QATConfig(distill=1.5)
 
 
