@@ -1,10 +1,12 @@
-"""Choosing brecq's defaults on held-out TRAINING images (never test-dev).
+"""Choosing brecq's and mixmix's defaults on held-out TRAINING images (never test-dev).
 
-Calibrate ResNet-20/32 with ``brecq`` on the pipeline's seeded subset of ``--num-samples`` training images, then
-measure the QuantSim on ``--eval-samples`` other training images: top-1 and agreement with FP32 top-1.
+Calibrate ResNet-20/32 with ``brecq`` on the pipeline's seeded subset of ``--num-samples`` training images (or
+data-free with ``--method mixmix``, which reads no real image), then measure the QuantSim on ``--eval-samples``
+other training images: top-1 and agreement with FP32 top-1.
 
     python bench/brecq_heldout.py --bits w4a4 --opt iters=2000 --opt act_iters=1000
     python bench/brecq_heldout.py --bits w3a3 --first-last-bits 8 --opt time_budget=7m --opt drop_prob=0.5
+    python bench/brecq_heldout.py --method mixmix --opt zoo=cifar:resnet32=R32.th --opt time_budget=15m
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from bench_utils import cpu_seconds, heldout_split, method_options, predict
 
 from qexport.calibrators.base import CalibrationContext, calibrate_activations, set_weight_scales
 from qexport.calibrators.brecq import BrecqConfig, calibrate_brecq
+from qexport.calibrators.mixmix import MixMixConfig, calibrate_mixmix
 from qexport.models import fold_batchnorm
 from qexport.quant.plan import build_plan
 from qexport.quant.quantsim import QuantSim
@@ -32,7 +35,8 @@ def main() -> int:
     ap.add_argument("--num-samples", type=int, default=1024)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-samples", type=int, default=2000)
-    ap.add_argument("--opt", action="append", default=[], help="brecq option key=value (repeatable)")
+    ap.add_argument("--method", choices=("brecq", "mixmix"), default="brecq")
+    ap.add_argument("--opt", action="append", default=[], help="the method's option key=value (repeatable)")
     ap.add_argument("--first-last-bits", type=int, default=None, help="width of the first and last layer")
     ap.add_argument("--mse-only", action="store_true", help="measure the mse init only")
     ap.add_argument("--verbose", action="store_true", help="progress bars")
@@ -45,7 +49,10 @@ def main() -> int:
     ref = predict(folded, x_ev)
     bits = BitsConfig.parse(args.bits, args.first_last_bits)
     sim = QuantSim(folded, build_plan(folded, "onnxruntime", bits, ())).eval()
-    cfg = BrecqConfig(**method_options(BrecqConfig, args.opt, "bench --opt"))
+    config_cls, calibrate = (MixMixConfig, calibrate_mixmix) if args.method == "mixmix" else (BrecqConfig,
+                                                                                              calibrate_brecq)
+    cfg = config_cls(**method_options(config_cls, args.opt, "bench --opt"))
+    data = None if args.method == "mixmix" else x_cal
     t0 = time.time()
     if args.mse_only:
         set_weight_scales(sim, "mse")
@@ -53,13 +60,13 @@ def main() -> int:
         sim.snap_weights()
     else:
         torch.manual_seed(args.seed)
-        calibrate_brecq(CalibrationContext(sim=sim, folded=folded, model=m, data=x_cal, labels=None, seed=args.seed,
-                                           quiet=not args.verbose), cfg)
+        calibrate(CalibrationContext(sim=sim, folded=folded, model=m, data=data, labels=None, seed=args.seed,
+                                     quiet=not args.verbose), cfg)
     secs = time.time() - t0
     pred = predict(sim, x_ev)
     top1, agree = 100 * (pred == y_ev).float().mean().item(), 100 * (pred == ref).float().mean().item()
     fp = 100 * (ref == y_ev).float().mean().item()
-    print(json.dumps({"depth": args.depth, "bits": args.bits, "first_last_bits": args.first_last_bits,
+    print(json.dumps({"method": args.method, "depth": args.depth, "bits": args.bits, "first_last_bits": args.first_last_bits,
                       "opts": args.opt, "mse_only": args.mse_only,
                       "fp32": round(fp, 2), "top1": round(top1, 2), "agree": round(agree, 2),
                       "seconds": round(secs, 1), "cpu_seconds": round(cpu_seconds(), 1)}), flush=True)
