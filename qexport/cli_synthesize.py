@@ -21,6 +21,8 @@ def synthesize(
     iters: int = typer.Option(500, help="Optimisation steps per batch (large inputs: half at half resolution)."),
     batch_size: int = typer.Option(64, help="Images optimised together."),
     time_budget: Optional[str] = typer.Option(None, help="Cap for the whole run, e.g. 15m (split over batches)."),
+    zoo_per_step: int = typer.Option(0, help="mixmix: zoo models run per step, drawn at random (0: all of them; "
+                                             "fewer make a step cheaper, so more steps fit a time budget)."),
     seed: int = typer.Option(0, help="Seed: the same seed gives the same images."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output folder."),
@@ -31,7 +33,8 @@ def synthesize(
     from qexport.data.synthesize import SynthConfig
     from qexport.training.synthesis_run import synthesize_folder
 
-    cfg = SynthConfig(mode=mode, num_images=num_images, iters=iters, batch_size=batch_size, time_budget=time_budget)
+    cfg = SynthConfig(mode=mode, num_images=num_images, iters=iters, batch_size=batch_size, time_budget=time_budget,
+                      zoo_per_step=zoo_per_step)
     out = synthesize_folder(model, str(weights) if weights else None, tuple(zoo), cfg, output, seed=seed,
                             device=device, force=force, resume=resume, quiet=quiet)
     typer.echo(f"{num_images} images written to {out}")

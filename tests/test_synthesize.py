@@ -108,12 +108,33 @@ def test_the_images_feed_brecq(tmp_path, qx):
     assert res.code == 0, res.err
 
 
+def test_zoo_per_step_runs_one_random_model_per_step_and_still_lowers_the_bn_loss():
+    from qexport.data.synthesize import make_member, synthesize_batch
+    from qexport.models import load_model
+
+    m = load_model(TINY, None)
+    zoo = [make_member(f"tiny{i}", load_model(TINY, None).model, m.preprocess, "cpu") for i in range(2)]
+    calls = [0, 0]
+    for i, member in enumerate(zoo):
+        member.model.register_forward_hook(lambda *a, i=i: calls.__setitem__(i, calls[i] + 1))
+    cfg = SynthConfig(mode="mixmix", num_images=8, iters=30, batch_size=8, zoo_per_step=1)
+    labels = torch.arange(8) % 4
+    pix, info = synthesize_batch(zoo, labels, m.preprocess.input_shape[1:], cfg, torch.Generator().manual_seed(0),
+                                 30, 4)
+    assert sum(calls) == 30 and min(calls) >= 5  # one model per step, both drawn
+    assert info["bn_last"] < 0.5 * info["bn_first"]
+    every, _ = synthesize_batch(zoo, labels, m.preprocess.input_shape[1:], SynthConfig(num_images=8, iters=30,
+                                batch_size=8), torch.Generator().manual_seed(0), 30, 4)
+    assert sum(calls) == 30 + 60 and not torch.equal(pix, every)
+
+
 @pytest.mark.parametrize("args,fragment", [
     (["--zoo", "cifar:resnet20"], "classes"),
     (["--mode", "bns", "--zoo", TINY], "alone"),
     (["--iters", "0"], "--iters"),
     (["--num-images", "0"], "--num-images"),
     (["--mode", "dream"], "--mode"),
+    (["--zoo-per-step", "-1"], "zoo_per_step"),
     (["--zoo", "tests_support.models:tiny_net=missing.pt"], "no such weights"),
 ])
 def test_bad_synthesis_input(qx, tmp_path, args, fragment):

@@ -35,6 +35,8 @@ class MixMixConfig:
     num_images: int = field(default=1024, metadata={"help": "synthetic calibration images"})
     synth_iters: int = field(default=500, metadata={"help": "synthesis steps per batch"})
     synth_batch_size: int = field(default=64, metadata={"help": "images synthesized together"})
+    synth_zoo_per_step: int = field(default=0, metadata={"help": "zoo models run per synthesis step, drawn at "
+                                                                 "random (0: all)"})
     iters: int = field(default=BrecqConfig.iters, metadata={"help": "brecq rounding iterations per block"})
     act_iters: int = field(default=BrecqConfig.act_iters, metadata={"help": "brecq step-size iterations per block"})
     batch_size: int = field(default=BrecqConfig.batch_size, metadata={"help": "brecq images per step"})
@@ -61,7 +63,8 @@ class MixMixConfig:
     def synth_config(self, seconds: float | None) -> SynthConfig:
         """The synthesis half's options (``seconds``: its time cap)."""
         return SynthConfig(mode=self.synth_mode, num_images=self.num_images, iters=self.synth_iters,
-                           batch_size=self.synth_batch_size, time_budget=None if seconds is None else f"{seconds:.3f}")
+                           batch_size=self.synth_batch_size, zoo_per_step=self.synth_zoo_per_step,
+                           time_budget=None if seconds is None else f"{seconds:.3f}")
 
     def brecq_config(self, seconds: float | None) -> BrecqConfig:
         """The reconstruction half's options (``seconds``: its time cap)."""

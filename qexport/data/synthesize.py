@@ -44,6 +44,8 @@ class SynthConfig:
     mix_prob: float = field(default=0.5, metadata={"help": "probability of data mixing at a step (mixmix)"})
     jitter: float = field(default=0.0625, metadata={"help": "random shift per step, as a fraction of the size"})
     half_res_min: int = field(default=128, metadata={"help": "inputs at least this large start at half resolution"})
+    zoo_per_step: int = field(default=0, metadata={"help": "zoo models run per step, drawn at random (0: all; "
+                                                           "fewer make each step cheaper)"})
     time_budget: str | None = field(default=None, metadata={"help": "cap for the synthesis, e.g. 15m"})
 
     def __post_init__(self) -> None:
@@ -55,6 +57,8 @@ class SynthConfig:
             raise QexportError(f"--iters must be positive for synthesis, got {self.iters}")
         if self.batch_size <= 0:
             raise QexportError(f"--batch-size must be positive, got {self.batch_size}")
+        if self.zoo_per_step < 0:
+            raise QexportError(f"zoo_per_step must be 0 (all models) or positive, got {self.zoo_per_step}")
         if self.lr <= 0 or not 0.0 <= self.mix_prob <= 1.0 or not 0.0 <= self.jitter < 0.5:
             raise QexportError("synthesis needs lr > 0, mix_prob in [0, 1] and jitter in [0, 0.5)")
         from qexport.duration import parse_duration
@@ -201,21 +205,47 @@ class SynthesisBatch:
         self.alpha = torch.ones(2 * len(zoo), device=labels.device, requires_grad=True)
         self.opt = torch.optim.Adam([self.pix], lr=cfg.lr, betas=(0.5, 0.5))
         self.opt_a = torch.optim.Adam([self.alpha], lr=1e-3)
-        self.norm: torch.Tensor | None = None
+        self.norm = torch.full((2 * len(zoo),), float("nan"), device=labels.device)
+        self.bn_first = torch.full((len(zoo),), float("nan"), dtype=torch.float64)
+        self.bn_last = torch.full((len(zoo),), float("nan"), dtype=torch.float64)
         self.onehot = F.one_hot(labels, num_classes).float()
         self.it, self.first_bn, self.last_bn, self.total = 0, float("nan"), float("nan"), float("nan")
 
-    def _losses(self) -> torch.Tensor:
-        """The BN-statistics and cross-entropy losses of every zoo model on this step's augmented batch."""
+    def _members(self) -> list[int]:
+        """This step's zoo models: all, or ``zoo_per_step`` of them drawn at random (each step's loss is then an
+        unbiased sample of the sum over the zoo, at a fraction of its cost)."""
+        k = self.cfg.zoo_per_step
+        if k <= 0 or k >= len(self.zoo):
+            return list(range(len(self.zoo)))
+        return sorted(int(i) for i in torch.randperm(len(self.zoo), generator=self.gen)[:k])
+
+    def _losses(self) -> tuple[torch.Tensor, list[int]]:
+        """The BN-statistics and cross-entropy losses of this step's zoo models on the augmented batch, and the
+        index of each loss (2 * model, 2 * model + 1)."""
         x, target = augment(self.pix, self.gen, self.cfg.jitter), self.onehot
         if self.cfg.mode == "mixmix" and float(torch.rand((), generator=self.gen)) < self.cfg.mix_prob:
             x, perm, area = paste_mix(x, self.gen)
             target = (1 - area) * self.onehot + area * self.onehot[perm]
-        losses = []
-        for m in self.zoo:
-            logits = m.logits(x)
-            losses += [m.stats.loss(), -(target * F.log_softmax(logits, dim=1)).sum(1).mean()]
-        return torch.stack(losses)
+        losses, index = [], []
+        for i in self._members():
+            logits = self.zoo[i].logits(x)
+            losses += [self.zoo[i].stats.loss(), -(target * F.log_softmax(logits, dim=1)).sum(1).mean()]
+            index += [2 * i, 2 * i + 1]
+        return torch.stack(losses), index
+
+    def _track_bn(self, raw: torch.Tensor, index: list[int]) -> None:
+        """Keep each model's first and latest BN-statistics loss (and each loss's value at its first step, the
+        normaliser)."""
+        detached = raw.detach()
+        fresh = torch.isnan(self.norm[index])
+        self.norm[index] = torch.where(fresh, detached.clamp(min=1e-8), self.norm[index])
+        for j, i in enumerate(index[0::2]):
+            model = i // 2
+            if torch.isnan(self.bn_first[model]):
+                self.bn_first[model] = float(detached[2 * j])
+            self.bn_last[model] = float(detached[2 * j])
+        self.first_bn = float(self.bn_first.nansum())
+        self.last_bn = float(self.bn_last.nansum())
 
     def step(self, info=None) -> dict:
         """One Adam step on the pixels (and, for mixmix, the loss weights); returns ``loss`` and ``bn``."""
@@ -227,13 +257,11 @@ class SynthesisBatch:
         phase_it, phase_len = (it - self.switch, self.iters - self.switch) if it >= self.switch else (it, self.switch)
         for g in self.opt.param_groups:
             g["lr"] = cosine_lr(cfg.lr, phase_it, phase_len)
-        raw = self._losses()
-        if self.norm is None:
-            self.norm = raw.detach().clamp(min=1e-8)
-            self.first_bn = float(sum(raw[0::2].detach()))
-        self.last_bn = float(sum(raw[0::2].detach()))
-        scaled = raw / self.norm
-        total = (scaled / self.alpha.pow(2) + self.alpha.pow(2)).sum() if cfg.mode == "mixmix" else scaled.sum()
+        raw, index = self._losses()
+        self._track_bn(raw, index)
+        scaled = raw / self.norm[index]
+        alpha = self.alpha[index]
+        total = (scaled / alpha.pow(2) + alpha.pow(2)).sum() if cfg.mode == "mixmix" else scaled.sum()
         self.opt.zero_grad(set_to_none=True)
         self.opt_a.zero_grad(set_to_none=True)
         total.backward()
