@@ -274,6 +274,9 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(tmp_path, labelled, qx
 
     with pytest.raises(QexportError, match="val-fraction"):
         QATConfig(val_fraction=0.7)
+    with pytest.raises(QexportError, match="no effect without --distill"):
+        QATConfig(distill_temperature=4.0)
+    QATConfig(distill=0.5, distill_temperature=4.0)
     with pytest.raises(QexportError, match="do not fit the binary grid"):
         _calibrate(tmp_path, labelled, "md", "w1a8", levels="-1,0,1")
     with pytest.raises(QexportError, match="do not fit the 2-bit grid"):

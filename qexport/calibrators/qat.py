@@ -140,6 +140,9 @@ class QATConfig:
             raise QexportError(f"--distill must be in [0, 1] (the distillation term's weight), got {self.distill}")
         if not self.distill_temperature > 0:
             raise QexportError(f"--distill-temperature must be positive, got {self.distill_temperature}")
+        if self.distill == 0 and self.distill_temperature != 1.0:
+            raise QexportError("--distill-temperature has no effect without --distill; add --distill D (e.g. 0.5) "
+                               "or drop the temperature")
 
     @property
     def budget_seconds(self) -> float | None:
