@@ -179,6 +179,26 @@ def test_activation_step_sizes_take_the_methods_share_of_the_lr(labelled, method
     assert group["lr"] == pytest.approx(m.default_lr["adam"] * factor)
 
 
+def test_activation_step_sizes_cannot_collapse_below_their_floor(labelled):
+    """However large the lr, a learned activation step stays at or above ACT_SCALE_FLOOR of its initial value."""
+    from qexport.calibrators.qat import QATConfig
+    from qexport.calibrators.qat_task import ACT_SCALE_FLOOR, QATTask
+    from qexport.calibrators.ste import SteMethod
+
+    task = QATTask(_ctx(labelled, "w4a4"), QATConfig(batch_size=8), SteMethod())
+    start = [float(a.scale.detach()) for a in task.sim.act_quantizers().values()]
+    acts = {id(a.scale) for a in task.sim.act_quantizers().values()}
+    for g in task.optimizer.param_groups:
+        if {id(p) for p in g["params"]} & acts:
+            g["lr"] = 1e3  # Adam moves each step size by about the lr: far below zero
+    task.base_lrs = [g["lr"] for g in task.optimizer.param_groups]
+    x = torch.rand(8, 3, 16, 16)
+    task.update(x, torch.arange(8) % 4, 0.0)
+    end = [float(a.scale.detach()) for a in task.sim.act_quantizers().values()]
+    assert any(e < s for e, s in zip(end, start))  # some step was pushed down...
+    assert all(e >= s * ACT_SCALE_FLOOR * (1 - 1e-6) for e, s in zip(end, start))  # ...and stopped at the floor
+
+
 # ---------------------------------------------------------------- md
 def test_md_initial_beta_depends_on_levels_and_schedule_unless_given():
     from qexport.calibrators.md import MDConfig

@@ -26,6 +26,10 @@ from qexport.training import qat_data
 from qexport.training.loop import LoopConfig, StepInfo, TrainLoop
 
 LOOP_NAME = "qat"
+# A learned activation step size may shrink, but not below this fraction of its initial (percentile) value: at
+# a high lr Adam drove the pooled activation's step to the absolute floor (1e-8) within an epoch, every code
+# became 0 and the network never recovered (md w1a8 at lr 3e-3, docs/qat.md).
+ACT_SCALE_FLOOR = 1e-2
 CHECKPOINT = f"{LOOP_NAME}_checkpoint.pt"  # the training loop's file for a run named "qat", in ctx.work_dir
 
 
@@ -52,6 +56,8 @@ class QATTask:
         # After prepare: the ranges are those of the network training starts from, with the method's weight
         # scales (before it, every weight grid has QuantSim's unit scale and most weights round to 0).
         self._init_scales()
+        self.act_floors = [aq.scale.detach().clone().mul_(ACT_SCALE_FLOOR).clamp_(min=1e-8)
+                           for aq in self.sim.act_quantizers().values()]
         if cfg.learn_act_scales and method.name != "fp32":
             acts = [aq.scale for ap, aq in zip(self.sim.plan.activations, self.sim.act_quantizers().values())
                     if not ap.share_scale_with]
@@ -155,8 +161,8 @@ class QATTask:
         total.backward()
         self.optimizer.step()
         with torch.no_grad():
-            for aq in self.sim.act_quantizers().values():
-                aq.scale.clamp_(min=1e-8)
+            for aq, floor in zip(self.sim.act_quantizers().values(), self.act_floors):
+                aq.scale.copy_(torch.maximum(aq.scale, floor))
             self.sim.apply_shared_scales()
         out.update({"loss": float(loss.detach()), "acc": float((logits.argmax(1) == y).float().mean()),
                     "lr": self.base_lrs[0] * f})
