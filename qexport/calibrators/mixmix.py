@@ -32,10 +32,12 @@ class MixMixConfig:
     zoo: tuple[str, ...] = field(default=(), metadata={"help": "extra zoo models MODEL[=WEIGHTS] (or folders with a "
                                                                "zoo.txt); default: the target model alone"})
     synth_mode: str = field(default="mixmix", metadata={"help": "'mixmix' or 'bns' (single-model baseline)"})
-    num_images: int = field(default=1024, metadata={"help": "synthetic calibration images"})
+    # 256 images and one zoo model per step: chosen on held-out training images (docs/brecq_mixmix.md); on a CPU
+    # budget each image needs its synthesis steps more than brecq needs more images.
+    num_images: int = field(default=256, metadata={"help": "synthetic calibration images"})
     synth_iters: int = field(default=500, metadata={"help": "synthesis steps per batch"})
     synth_batch_size: int = field(default=64, metadata={"help": "images synthesized together"})
-    synth_zoo_per_step: int = field(default=0, metadata={"help": "zoo models run per synthesis step, drawn at "
+    synth_zoo_per_step: int = field(default=1, metadata={"help": "zoo models run per synthesis step, drawn at "
                                                                  "random (0: all)"})
     iters: int = field(default=BrecqConfig.iters, metadata={"help": "brecq rounding iterations per block"})
     act_iters: int = field(default=BrecqConfig.act_iters, metadata={"help": "brecq step-size iterations per block"})
