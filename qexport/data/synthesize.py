@@ -7,9 +7,10 @@ random shift and a mild colour jitter; for ``mixmix`` also data mixing (a resize
 batch pasted into a random box with edge ratio U(0.1, 0.4), the labels mixed by area). Loss per zoo model:
 the BN-statistics loss (batch mean/variance at every BatchNorm input against its running statistics) and the
 cross-entropy to the (mixed) label; the losses are normalised to 1 at the first step and weighted by learned
-Kendall-style weights (``sum L_i / a_i^2 + a_i^2``, Adam lr 1e-3). Adam (betas 0.5, 0.5) on the pixels, lr
-0.25 with cosine decay, pixels clipped to [0, 1] after every update; inputs of at least ``half_res_min`` pixels
-spend the first half of the iterations at half resolution. ``bns`` is the single-model baseline: the target
+Kendall-style weights (``sum L_i / a_i^2 + a_i^2``, Adam lr 1e-3). With ``zoo_per_step`` k > 0 a step runs k
+zoo models drawn at random (a sample of the sum over the zoo at a fraction of a step's cost). Adam (betas 0.5,
+0.5) on the pixels, lr 0.25 with cosine decay, pixels clipped to [0, 1] after every update; inputs of at least
+``half_res_min`` pixels spend the first half of the iterations at half resolution. ``bns`` is the single-model baseline: the target
 model only, no data mixing, fixed equal loss weights.
 
 Batched and budgeted: ``num_images`` in batches, ``iters`` per batch, an optional time budget split evenly over
