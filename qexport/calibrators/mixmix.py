@@ -76,7 +76,7 @@ class MixMixConfig:
 
 
 @register_calibrator("mixmix", config=MixMixConfig, needs_data=False,
-                     summary="data-free: MixMix synthesis over a model zoo (--zoo), then brecq on the synthetic images")
+                     summary="MixMix synthesis over a model zoo (--zoo), then brecq on the synthetic images")
 def calibrate_mixmix(ctx: CalibrationContext, cfg: MixMixConfig) -> dict:
     """Synthesize with the zoo, keep the images in the recipe folder, then reconstruct block by block.
 
