@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from qexport.data.synthesize import SynthConfig, SynthesisBatch, ZooMember, make_member, synthesize_batch
+from qexport.data.synthesize import SynthConfig, SynthesisBatch, ZooMember, make_member
 from qexport.errors import QexportError
 from qexport.training.loop import LoopConfig, TrainLoop
 
@@ -153,11 +153,21 @@ def run_synthesis(zoo: list[ZooMember], num_classes: int, cfg: SynthConfig, seed
 
 
 def _iters_in(members, lab, size, cfg: SynthConfig, seconds: float, num_classes: int) -> int:
-    """Iterations that fit in ``seconds`` (two timed probe steps on a throw-away batch)."""
-    probe_cfg = dataclasses.replace(cfg, half_res_min=10**9)
+    """Iterations that fit in ``seconds``, timed on a throw-away batch.
+
+    The probe's first step is not timed (it carries one-time allocations: timed, it gave the first batch of a
+    30-minute mixmix run 111 steps and the later batches 360-440); the probe runs every zoo model, and with
+    ``zoo_per_step`` the cost is scaled to the expected share of the zoo a step runs.
+    """
+    probe_cfg = dataclasses.replace(cfg, half_res_min=10**9, zoo_per_step=0)
+    probe = SynthesisBatch(members, lab, size, probe_cfg, torch.Generator().manual_seed(0), 3, num_classes)
+    probe.step()
     t0 = time.perf_counter()
-    synthesize_batch(members, lab, size, probe_cfg, torch.Generator().manual_seed(0), 2, num_classes)
+    probe.step()
+    probe.step()
     per = (time.perf_counter() - t0) / 2
+    if 0 < cfg.zoo_per_step < len(members):
+        per *= cfg.zoo_per_step / len(members)
     return max(1, min(cfg.iters, int(max(seconds, 0.0) / max(per, 1e-6))))
 
 
