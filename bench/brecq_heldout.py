@@ -27,6 +27,8 @@ from qexport.quant.quantsim import QuantSim
 from qexport.quant.spec import BitsConfig
 
 
+METHODS = {"brecq": (BrecqConfig, calibrate_brecq), "mixmix": (MixMixConfig, calibrate_mixmix)}
+
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -35,7 +37,7 @@ def main() -> int:
     ap.add_argument("--num-samples", type=int, default=1024)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-samples", type=int, default=2000)
-    ap.add_argument("--method", choices=("brecq", "mixmix"), default="brecq")
+    ap.add_argument("--method", choices=tuple(METHODS), default="brecq")
     ap.add_argument("--opt", action="append", default=[], help="the method's option key=value (repeatable)")
     ap.add_argument("--first-last-bits", type=int, default=None, help="width of the first and last layer")
     ap.add_argument("--mse-only", action="store_true", help="measure the mse init only")
@@ -49,8 +51,7 @@ def main() -> int:
     ref = predict(folded, x_ev)
     bits = BitsConfig.parse(args.bits, args.first_last_bits)
     sim = QuantSim(folded, build_plan(folded, "onnxruntime", bits, ())).eval()
-    config_cls, calibrate = (MixMixConfig, calibrate_mixmix) if args.method == "mixmix" else (BrecqConfig,
-                                                                                              calibrate_brecq)
+    config_cls, calibrate = METHODS[args.method]
     cfg = config_cls(**method_options(config_cls, args.opt, "bench --opt"))
     data = None if args.method == "mixmix" else x_cal
     t0 = time.time()
@@ -66,8 +67,8 @@ def main() -> int:
     pred = predict(sim, x_ev)
     top1, agree = 100 * (pred == y_ev).float().mean().item(), 100 * (pred == ref).float().mean().item()
     fp = 100 * (ref == y_ev).float().mean().item()
-    print(json.dumps({"method": args.method, "depth": args.depth, "bits": args.bits, "first_last_bits": args.first_last_bits,
-                      "opts": args.opt, "mse_only": args.mse_only,
+    print(json.dumps({"method": args.method, "depth": args.depth, "bits": args.bits,
+                      "first_last_bits": args.first_last_bits, "opts": args.opt, "mse_only": args.mse_only,
                       "fp32": round(fp, 2), "top1": round(top1, 2), "agree": round(agree, 2),
                       "seconds": round(secs, 1), "cpu_seconds": round(cpu_seconds(), 1)}), flush=True)
     return 0

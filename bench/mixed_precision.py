@@ -74,14 +74,11 @@ def top1(recipe_dir: Path, x: torch.Tensor, y: torch.Tensor) -> float:
 def heldout_training(train: Path, pre, num_calib: int, count: int, skip: int, seed: int = 0):
     """``count`` training images outside the calibration subset and the ``skip`` images after it (the label
     allocator's), from the same seeded permutation."""
-    from qexport.data import ImageFolder, heldout_indices, iter_batches
+    from qexport.data import ImageFolder
+    from qexport.mixed.sensitivity_run import load_heldout
 
-    folder = ImageFolder(train, pre)
-    idx = heldout_indices(len(folder), num_calib, skip + count, seed)[skip:]
-    if len(idx) < count:
-        raise SystemExit(f"{train} has too few images for {count} held-out ones after {num_calib + skip}")
-    xs, ys = zip(*iter_batches(folder, 256, idx))
-    return torch.cat(xs), torch.cat(ys)
+    x, y = load_heldout(ImageFolder(train, pre), num_calib, seed, skip + count, quiet=True)
+    return x[skip:], y[skip:]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,8 +10,8 @@ cross-entropy to the (mixed) label; the losses are normalised to 1 at the first 
 Kendall-style weights (``sum L_i / a_i^2 + a_i^2``, Adam lr 1e-3). With ``zoo_per_step`` k > 0 a step runs k
 zoo models drawn at random (a sample of the sum over the zoo at a fraction of a step's cost). Adam (betas 0.5,
 0.5) on the pixels, lr 0.25 with cosine decay, pixels clipped to [0, 1] after every update; inputs of at least
-``half_res_min`` pixels spend the first half of the iterations at half resolution. ``bns`` is the single-model baseline: the target
-model only, no data mixing, fixed equal loss weights.
+``half_res_min`` pixels spend the first half of the iterations at half resolution. ``bns`` is the single-model
+baseline: the target model only, no data mixing, fixed equal loss weights.
 
 Batched and budgeted: ``num_images`` in batches, ``iters`` per batch, an optional time budget split evenly over
 the batches that remain. ``SynthesisRun`` does the work one batch at a time and keeps its state in a
@@ -210,7 +210,7 @@ class SynthesisBatch:
         self.bn_first = torch.full((len(zoo),), float("nan"), dtype=torch.float64)
         self.bn_last = torch.full((len(zoo),), float("nan"), dtype=torch.float64)
         self.onehot = F.one_hot(labels, num_classes).float()
-        self.it, self.first_bn, self.last_bn, self.total = 0, float("nan"), float("nan"), float("nan")
+        self.it, self.total = 0, float("nan")
 
     def _members(self) -> list[int]:
         """This step's zoo models: all, or ``zoo_per_step`` of them drawn at random (each step's loss is then an
@@ -245,8 +245,6 @@ class SynthesisBatch:
             if torch.isnan(self.bn_first[model]):
                 self.bn_first[model] = float(detached[2 * j])
             self.bn_last[model] = float(detached[2 * j])
-        self.first_bn = float(self.bn_first.nansum())
-        self.last_bn = float(self.bn_last.nansum())
 
     def step(self, info=None) -> dict:
         """One Adam step on the pixels (and, for mixmix, the loss weights); returns ``loss`` and ``bn``."""
@@ -273,11 +271,12 @@ class SynthesisBatch:
             self.pix.clamp_(0.0, 1.0)
         self.it += 1
         self.total = float(total.detach())
-        return {"loss": self.total, "bn": self.last_bn}
+        return {"loss": self.total, "bn": float(self.bn_last.nansum())}
 
     def result(self) -> tuple[torch.Tensor, dict]:
         """(pixels (B, C, H, W) in [0, 1], metrics: BN loss at the first and last step, final total loss)."""
-        return self.pix.detach(), {"bn_first": self.first_bn, "bn_last": self.last_bn, "loss_last": self.total,
+        return self.pix.detach(), {"bn_first": float(self.bn_first.nansum()),
+                                   "bn_last": float(self.bn_last.nansum()), "loss_last": self.total,
                                    "iters": self.it}
 
 
