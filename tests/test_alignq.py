@@ -45,6 +45,7 @@ def test_recipe_has_aligned_points_and_aligned_integer_weights(alignq_recipe):
     opts = prov["config"]["values"]
     assert prov["method"] == "alignq" and opts["mu"] == 0.2 and opts["rho"] == 0.3
     assert recipe.metrics["admm"] is True and recipe.metrics["aligned_points"] == 2
+    assert recipe.metrics["trained_bn"] is True
 
 
 def test_exported_alignq_engine_agrees_with_quantsim(tmp_path, alignq_recipe):
@@ -82,8 +83,10 @@ def test_model_without_bn_names_the_layer_and_writes_nothing(tmp_path, labelled,
     assert tree(tmp_path) == set()
 
 
-@pytest.mark.parametrize("options, erf, aligned_w", [({"admm": False}, True, True), ({"cdf": False}, False, False)])
+@pytest.mark.parametrize("options, erf, aligned_w", [({"admm": False}, True, True), ({"cdf": False}, False, False),
+                                                     ({"train_bn": False}, True, True)])
 def test_ablations(tmp_path, labelled, options, erf, aligned_w):
     recipe = QuantRecipe.load(_calibrate(tmp_path / "r", labelled, epochs=1, **options))
     assert any(ap.kind == "erf" for ap in recipe.plan.activations) == erf
     assert recipe.metrics["aligned_weights"] == aligned_w and recipe.metrics["admm"] == options.get("admm", True)
+    assert recipe.metrics["trained_bn"] == (aligned_w and options.get("train_bn", True))

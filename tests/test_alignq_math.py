@@ -119,3 +119,36 @@ def test_admm_shrinks_small_changes_to_zero_and_skips_other_batch_sizes():
     assert float(admm.penalty("p", torch.ones(3, 3))) == 0.0  # another batch size: no term
     with pytest.raises(QexportError, match="rho"):
         CorrelationADMM(mu=0.2, rho=0.0)
+
+
+def test_trained_batchnorm_folds_into_levels_scale_and_bias_exactly():
+    from qexport.calibrators.alignq_bn import attach_channel_bn, fold_channel_bn
+
+    g = torch.Generator().manual_seed(3)
+    conv = torch.nn.Conv2d(3, 4, 3, bias=True)
+    q = torch.randint(-7, 8, conv.weight.shape, generator=g).float()
+    s = torch.rand(4, generator=g) * 0.1 + 0.01
+    bn = torch.nn.BatchNorm2d(4)
+    with torch.no_grad():
+        conv.weight.copy_(q * s.view(-1, 1, 1, 1))
+        bn.weight.copy_(torch.tensor([0.5, -1.5, 2.0, -0.2]))  # negative scales: levels flip sign
+        bn.bias.copy_(torch.tensor([0.1, -0.3, 0.0, 1.0]))
+    cbn = attach_channel_bn(conv, bn)
+    assert torch.equal(cbn.weight.data, bn.weight.abs())  # starts at the float BN's magnitude and shift
+    x = torch.randn(16, 3, 8, 8, generator=g)
+    first = conv(x)
+    dims = (0, 2, 3)
+    assert torch.allclose(first.mean(dims), cbn.bias.data, atol=1e-5)  # standardised, then shifted and scaled
+    with torch.no_grad():
+        cbn.weight.mul_(torch.tensor([1.0, -1.0, 1.0, 1.0]))  # as if training had pushed one scale negative
+        for _ in range(3):
+            conv(torch.randn(16, 3, 8, 8, generator=g) * 2 + 0.5)  # training batches move the running statistics
+    conv.eval()
+    with torch.no_grad():
+        ref = conv(x)
+        q2, s2 = fold_channel_bn(conv, q, s)
+        conv.weight.copy_(q2 * s2.view(-1, 1, 1, 1))
+        out = conv(x)
+    assert not hasattr(conv, "train_bn") and not conv._forward_hooks
+    assert torch.equal(q2.abs(), q.abs()) and bool((s2 > 0).all())
+    assert torch.allclose(out, ref, atol=1e-4), float((out - ref).abs().max())

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from qexport.calibrators import register_calibrator
+from qexport.calibrators.alignq_bn import attach_channel_bn, fold_channel_bn
 from qexport.calibrators.alignq_core import AlignedWeightQuantizer, CorrelationADMM, correlation_change
 from qexport.calibrators.qat import QATConfig, QATMethod, freeze_steps_and_snap, run_qat
 from qexport.errors import QexportError
@@ -46,6 +47,7 @@ class AlignQConfig(QATConfig):
     per_channel: bool = field(default=True, metadata={"help": "Weight alignment statistics per output channel (else per tensor)."})
     admm: bool = field(default=True, metadata={"help": "ADMM correlation preservation (--no-admm: the paper's 'CDF only')."})
     cdf: bool = field(default=True, metadata={"help": "CDF alignment (--no-cdf: uniform quantizers, the paper's 'ADMM only')."})
+    train_bn: bool = field(default=True, metadata={"help": "Train each aligned-weight layer with BatchNorm (batch statistics, as the paper), folded into its scale and bias at the end (--no-train-bn: the folded BN stays fixed)."})
 
     @classmethod
     def contract_options(cls) -> dict:
@@ -120,11 +122,14 @@ class AlignQMethod(QATMethod):
 
         set_weight_scales(sim, "mse")  # the uniform grid's init (kept for --no-cdf and unaligned layers)
         weights, others = [], []
-        for layer in sim.layers().values():
+        bns = bn_layers(ctx.model.model) if self.cfg.align_weights and self.cfg.train_bn else {}
+        for name, layer in sim.layers().items():
             if self.cfg.align_weights:
                 wq = AlignedWeightQuantizer(layer.weight_quantizer, self.cfg.per_channel).to(layer.weight.device)
                 wq.init_scale(layer.weight.detach())
                 layer.weight_quantizer = wq
+            if name in bns:
+                others.extend(attach_channel_bn(layer, bns[name]).parameters())
             layer.weight.requires_grad_(True)
             weights.append(layer.weight)
             if layer.bias is not None:
@@ -172,12 +177,15 @@ class AlignQMethod(QATMethod):
             wq = layer.weight_quantizer
             if isinstance(wq, AlignedWeightQuantizer):  # leave the plan's plain quantizer with the aligned integers
                 q, s = wq.int_weight(layer.weight.detach()), wq.scale.detach().clone()
+                if hasattr(layer, "train_bn"):
+                    q, s = fold_channel_bn(layer, q, s)
                 plain = WeightQuantizer(wq.spec, s.numel()).to(s.device)
                 layer.weight_quantizer = plain
                 layer.set_quantized_weight(q, s)
         freeze_steps_and_snap(sim)
         return {"aligned_points": len([p for p in sim.plan.activations if p.kind == "erf"]),
-                "aligned_weights": self.cfg.align_weights, "admm": self.admm is not None}
+                "aligned_weights": self.cfg.align_weights, "admm": self.admm is not None,
+                "trained_bn": self.cfg.align_weights and self.cfg.train_bn}
 
     def state_dict(self) -> dict:
         return {"admm": self.admm.state_dict() if self.admm is not None else None}

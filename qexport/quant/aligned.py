@@ -133,29 +133,29 @@ def make_aligned(point, target: str, gain: float = DEFAULT_GAIN):
     return dataclasses.replace(point, spec=spec, kind="erf", gain=float(gain), in_spec=in_spec)
 
 
-def bn_layers(model: torch.nn.Module) -> set[str]:
-    """Names of the Conv/Linear modules whose output goes straight into a BatchNorm (folded later).
+def bn_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The Conv/Linear modules whose output goes straight into a BatchNorm (folded later), and that BN.
 
     Args:
         model: the unfolded float model.
 
     Returns:
-        Module names.
+        Module name -> the BatchNorm module after it.
     """
     from qexport.models.fold import trace
 
     gm = trace(model)
     mods = dict(gm.named_modules())
-    out = set()
+    out = {}
     for node in gm.graph.nodes:
         if node.op == "call_module" and isinstance(mods.get(node.target), torch.nn.modules.batchnorm._BatchNorm):
             prev = node.args[0] if node.args else None
             if getattr(prev, "op", None) == "call_module" and len(prev.users) == 1:
-                out.add(prev.target)
+                out[prev.target] = mods[node.target]
     return out
 
 
-def align_plan(plan, folded, with_bn: set[str], gain: float = DEFAULT_GAIN):
+def align_plan(plan, folded, with_bn, gain: float = DEFAULT_GAIN):
     """Turn every activation point on ``ReLU(BN(conv))`` into an aligned (erf) point.
 
     Args:
