@@ -4,7 +4,7 @@ mixing, qexport/data/synthesize.py), then block reconstruction (``brecq``) on th
 The zoo is the target model plus every ``zoo`` entry (``MODEL[=WEIGHTS]``, the same specs and weight files as
 ``calibrate``); by default the target alone. The synthetic images are kept in the recipe folder
 (``synthetic/``, an image folder any data-driven method takes as ``--data``). ``time_budget`` covers both
-halves: ``synth_share`` of it for synthesis, the rest (whatever is left) for reconstruction. Both halves
+parts: ``synth_share`` of it for synthesis, the rest (whatever is left) for reconstruction. Both halves
 checkpoint into the run's work folder, so ``--resume`` continues at the next synthesis batch or block.
 """
 
@@ -46,7 +46,8 @@ class MixMixConfig:
     drop_prob: float = field(default=BrecqConfig.drop_prob, metadata={"help": "brecq's QDrop probability (0: off)"})
     time_budget: Optional[str] = field(default=None, metadata={"help": "cap for synthesis and reconstruction "
                                                                        "together, e.g. 30m"})
-    synth_share: float = field(default=0.5, metadata={"help": "share of time_budget given to synthesis"})
+    synth_share: float = field(default=0.7, metadata={"help": "share of time_budget given to synthesis (the rest: "
+                                                              "brecq); chosen on held-out training images"})
 
 
     @classmethod
