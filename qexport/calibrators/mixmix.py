@@ -4,7 +4,7 @@ mixing, qexport/data/synthesize.py), then block reconstruction (``brecq``) on th
 The zoo is the target model plus every ``zoo`` entry (``MODEL[=WEIGHTS]``, the same specs and weight files as
 ``calibrate``); by default the target alone. The synthetic images are kept in the recipe folder
 (``synthetic/``, an image folder any data-driven method takes as ``--data``). ``time_budget`` covers both
-parts: ``synth_share`` of it for synthesis, the rest (whatever is left) for reconstruction. Both halves
+parts: ``synth_share`` of it for synthesis, the rest (whatever is left) for reconstruction. Both parts
 checkpoint into the run's work folder, so ``--resume`` continues at the next synthesis batch or block.
 """
 
