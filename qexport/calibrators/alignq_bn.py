@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from qexport.quant.fake_quant import channel_view
 
@@ -43,19 +44,10 @@ class ChannelBatchNorm(nn.Module):
         self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
-        if self.training or not bool(self.initialised):
-            dims = [d for d in range(y.dim()) if d != 1]
-            mean, var = y.mean(dims), y.var(dims, unbiased=False)
-            with torch.no_grad():
-                rate = BN_MOMENTUM if bool(self.initialised) else 1.0
-                self.running_mean.lerp_(mean.detach(), rate)
-                self.running_var.lerp_(var.detach(), rate)
-                self.initialised.fill_(True)
-        else:
-            mean, var = self.running_mean, self.running_var
-        gain = self.weight / torch.sqrt(var + BN_EPS)
-        shape = (1, -1) + (1,) * (y.dim() - 2)  # channels are dim 1 of an output
-        return (y - mean.view(shape)) * gain.view(shape) + self.bias.view(shape)
+        first = not bool(self.initialised)
+        self.initialised.fill_(True)
+        return F.batch_norm(y, self.running_mean, self.running_var, self.weight, self.bias,
+                            training=self.training or first, momentum=1.0 if first else BN_MOMENTUM, eps=BN_EPS)
 
     def folded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The running-statistics affine map ``y -> gain * (y - mean) + bias`` as (gain, mean, bias)."""
